@@ -1,0 +1,41 @@
+"""Parquet schemas of every table rbridge writes. The one place they are defined (DESIGN.md)."""
+
+import pyarrow as pa
+
+ITEM_SCORES = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        pa.field("checkpoint", pa.string(), nullable=False),
+    ]
+)
+
+SCORES = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("n_items", pa.int64(), nullable=False),
+        pa.field("params", pa.int64()),
+        pa.field("train_tokens", pa.int64()),
+        pa.field("train_flops", pa.float64()),
+        pa.field("checkpoint", pa.string(), nullable=False),
+    ]
+)
+
+RANKING = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("rank", pa.int64(), nullable=False),
+        pa.field("value", pa.float64()),
+    ]
+)
