@@ -1,0 +1,198 @@
+"""The ``rbridge`` command line. Bad input ends with one clear line on stderr and exit code 2."""
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from rbridge_core.errors import RbridgeError
+
+app = typer.Typer(
+    help="Rank pre-training corpora for reasoning with small proxy models (rBridge).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+traces_app = typer.Typer(
+    help="Build, validate and import reasoning-trace files.", no_args_is_help=True
+)
+app.add_typer(traces_app, name="traces")
+
+console = Console(stderr=True)
+EXAMPLES = Path(__file__).parent / "examples"
+HEADLINE_METRICS = (
+    "rbridge_nll",
+    "trace_nll",
+    "answer_nll",
+    "trace_bpb",
+    "top5_acc",
+    "expert_rank",
+)
+
+
+def _clear_errors(command):
+    """Turn user-input errors into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (RbridgeError, FileNotFoundError) as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+@_clear_errors
+def score(
+    model: Path = typer.Option(..., help="Hugging Face causal LM folder (tokenizer saved beside)."),
+    traces: Path = typer.Option(..., help="Traces file (Parquet or JSONL)."),
+    out: str = typer.Option(..., help="Output folder (local path or s3://)."),
+    corpus: str = typer.Option(
+        None, help="Corpus name in the tables [default: model folder name]."
+    ),
+    config: Path = typer.Option(None, help="YAML file with ScoringConfig fields."),
+    batch_max_tokens: int = typer.Option(None, help="Override: padded tokens per batch."),
+    device: str = typer.Option(None, help="Override: auto, cpu or cuda."),
+):
+    """Score a model against reasoning traces: item_scores.parquet and scores.parquet."""
+    from rbridge_core.config import ScoringConfig
+    from rbridge_core.scoring import score_model_dir
+    from rbridge_core.storage import join, write_parquet_atomic
+    from rbridge_core.traces import read_traces
+
+    _quiet_libraries()
+    overrides = {"batch_max_tokens": batch_max_tokens, "device": device}
+    cfg = _load_config(ScoringConfig, config, {k: v for k, v in overrides.items() if v is not None})
+    trace_rows = read_traces(traces)
+    with _progress() as progress:
+        task = progress.add_task("scoring", total=None)
+        result = score_model_dir(
+            model, trace_rows, cfg, corpus=corpus, progress=lambda n: progress.advance(task, n)
+        )
+    write_parquet_atomic(result.item_scores, join(out, "item_scores.parquet"))
+    write_parquet_atomic(result.scores, join(out, "scores.parquet"))
+    _print_headline(result.scores)
+    console.print(
+        f"{result.n_scored_tokens} trace tokens of {len(trace_rows)} items in "
+        f"{result.seconds:.1f}s; wrote {join(out, 'item_scores.parquet')} and "
+        f"{join(out, 'scores.parquet')}"
+    )
+
+
+def _load_config(model_cls, path: Path | None, overrides: dict):
+    import yaml
+    from pydantic import ValidationError
+
+    from rbridge_core.errors import ConfigError
+
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of {model_cls.__name__} fields")
+    try:
+        return model_cls(**{**data, **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or model_cls.__name__
+        value = first.get("input")
+        raise ConfigError(f"config field {field!r} = {value!r}: {first['msg']}") from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,} tokens"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _print_headline(scores) -> None:
+    import polars as pl
+
+    df = pl.from_arrow(scores).filter(pl.col("metric").is_in(HEADLINE_METRICS))
+    table = Table(title="scores (lower is better, except top5_acc)")
+    for col in ("benchmark", "metric", "value", "95% CI", "items"):
+        table.add_column(col)
+    for row in df.sort(["benchmark", "metric"]).iter_rows(named=True):
+        table.add_row(
+            row["benchmark"],
+            row["metric"],
+            f"{row['value']:.4f}",
+            f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]",
+            str(row["n_items"]),
+        )
+    Console().print(table)
+
+
+@traces_app.command("build")
+@_clear_errors
+def traces_build(
+    benchmark: list[str] = typer.Option(..., help="Benchmark name; repeat for several."),
+    out: Path = typer.Option(..., help="Output traces file (.parquet or .jsonl)."),
+    data_dir: Path = typer.Option(None, help="Full data folder laid out like shared/data."),
+    limit: int = typer.Option(None, help="At most this many items per benchmark."),
+):
+    """Build a traces file from benchmark loaders (shipped slices unless --data-dir)."""
+    from rbridge_core.benchmarks import load_benchmark
+    from rbridge_core.traces import write_traces
+
+    rows = [t for name in benchmark for t in load_benchmark(name, data_dir=data_dir, limit=limit)]
+    write_traces(rows, out)
+    console.print(f"wrote {len(rows)} traces to {out}")
+
+
+@traces_app.command("validate")
+@_clear_errors
+def traces_validate(path: Path = typer.Argument(..., help="Traces file to check.")):
+    """Check a traces file against the schema; print a per-benchmark summary."""
+    from collections import Counter
+
+    from rbridge_core.traces import read_traces
+
+    rows = read_traces(path)
+    counts = Counter(t.benchmark for t in rows)
+    with_lp = sum(t.frontier_logprobs is not None for t in rows)
+    summary = ", ".join(f"{b}: {n}" for b, n in sorted(counts.items()))
+    typer.echo(f"{path}: {len(rows)} valid traces ({summary}); {with_lp} with frontier logprobs")
+
+
+@traces_app.command("import-openai")
+@_clear_errors
+def traces_import_openai(
+    responses: Path = typer.Argument(..., help="JSONL of {benchmark, item_id, prompt, response}."),
+    out: Path = typer.Option(..., help="Output traces file (.parquet or .jsonl)."),
+):
+    """Import frontier replies with logprobs (OpenAI logprobs.content layout) as traces."""
+    from rbridge_core.frontier import traces_from_openai_jsonl
+    from rbridge_core.traces import write_traces
+
+    rows = traces_from_openai_jsonl(responses)
+    write_traces(rows, out)
+    console.print(f"wrote {len(rows)} traces with frontier logprobs to {out}")
+
+
+def main() -> None:  # pragma: no cover - entry point for `python -m rbridge_core.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

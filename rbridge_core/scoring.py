@@ -1,0 +1,564 @@
+"""The scoring engine: score a causal LM against reasoning traces, every metric in one pass.
+
+One teacher-forced forward pass per batch of (context + trace) sequences yields, for every trace
+token, its NLL, the 1-based rank of the gold token, the normalised entropy and the top
+probability (``metrics.TokenStats``); every metric of METHOD.md is computed from those.
+
+Speed and memory come from three choices:
+- sequences are sorted by length and packed into batches under a padded-token budget;
+- the transformer body runs once over the whole batch, but the output head runs only on the rows
+  that predict a scored token (a trace or answer token), not on prompt rows;
+- the head's float32 log-probabilities exist for at most ``head_chunk_rows`` rows at a time, so
+  peak memory never holds batch x sequence x vocabulary.
+"""
+
+import json
+import logging
+import math
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from rbridge_core import alignment, metrics, schemas
+from rbridge_core.config import ScoringConfig
+from rbridge_core.errors import ModelLoadError, RbridgeError
+from rbridge_core.metrics import TokenStats
+from rbridge_core.templates import template_for
+from rbridge_core.traces import Trace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    """Per-item and per-benchmark metric tables (schemas.ITEM_SCORES / schemas.SCORES)."""
+
+    item_scores: pa.Table
+    scores: pa.Table
+    n_scored_tokens: int
+    seconds: float
+
+
+@dataclass
+class _Sequence:
+    """One tokenized sequence to score: a trace (or a dataset answer) after its context."""
+
+    item: int  # index of the trace in the input list
+    kind: str  # "trace" or "answer"
+    input_ids: list[int]
+    first_scored: int  # index in input_ids of the first scored token (>= 1)
+    offsets: np.ndarray  # [n_scored, 2] scored tokens' character offsets, relative to the target
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.input_ids) - self.first_scored
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RbridgeError("scoring.device='cuda' but no CUDA device is available; use 'auto'")
+    return torch.device(device)
+
+
+def load_model_dir(path: str | Path, device: str = "auto"):
+    """Load a Hugging Face causal LM folder (config + safetensors, tokenizer saved beside it).
+
+    ``trust_remote_code`` stays off. The tokenizer must be a fast one: character offsets map
+    frontier confidences onto proxy tokens. Returns ``(model, tokenizer)``, model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model folder {path}: no config.json (expected a save_pretrained dir)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"model folder {path}: cannot load: {err}") from err
+    if not tokenizer.is_fast:
+        raise ModelLoadError(
+            f"model folder {path}: tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+            "save a tokenizer.json beside the model (character offsets are required)"
+        )
+    check_tokenizer_matches(model, tokenizer, str(path))
+    model.eval().to(resolve_device(device))
+    check_fused_head(model)
+    return model, tokenizer
+
+
+def check_tokenizer_matches(model, tokenizer, where: str) -> None:
+    """A tokenizer with ids beyond the model's output rows belongs to another model."""
+    n_rows = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > n_rows:
+        raise ModelLoadError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's output head has "
+            f"{n_rows} rows: the tokenizer does not belong to this model"
+        )
+
+
+def _output_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's forward applies to the head's output (scale, soft-capping), if any."""
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def check_fused_head(model) -> None:
+    """The fused path (body, then head on selected rows) must reproduce ``model(...).logits``.
+
+    Checked once per model on a short random sequence: an architecture that transforms logits
+    in a way rbridge does not reproduce is refused instead of scored wrong.
+    """
+    device = next(model.parameters()).device
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, n_vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids)[0]
+        fused = _output_transform(model)(model.get_output_embeddings()(hidden)).float()
+    if not torch.allclose(expected, fused, rtol=1e-3, atol=1e-3):
+        raise ModelLoadError(
+            f"{type(model).__name__}: logits of body + output head differ from the model's own "
+            "forward; this architecture post-processes logits in a way rbridge does not support"
+        )
+
+
+def count_parameters(model) -> int:
+    """Total parameters, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _target_tokens(encoding, idx: int, context_len: int) -> tuple[int, int] | None:
+    """[first, end) token range covering the target text (after ``context_len`` characters).
+
+    A token straddling the context/target boundary counts as a target token. Special tokens
+    (BOS, EOS added by the tokenizer) are never targets.
+    """
+    offsets = encoding["offset_mapping"][idx]
+    special = encoding["special_tokens_mask"][idx]
+    hits = [
+        t for t, ((_, end), sp) in enumerate(zip(offsets, special)) if end > context_len and not sp
+    ]
+    if not hits:
+        return None
+    return max(hits[0], 1), hits[-1] + 1
+
+
+def _truncate(
+    ids: list[int], first: int, max_len: int, bos_id: int | None
+) -> tuple[list[int], int]:
+    """Fit a sequence into ``max_len`` tokens (METHOD.md "Long inputs").
+
+    Keep the whole target and left-truncate the context (keeping a leading BOS) if the target
+    fits; otherwise keep the target's last tokens (the end is nearest the answer), the first
+    kept token serving as context only. Returns the ids and the new first scored index.
+    """
+    if len(ids) <= max_len:
+        return ids, first
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
+    cut = len(ids) - (max_len - len(head))
+    new_first = first - cut + len(head)
+    if new_first >= 1:
+        return head + ids[cut:], new_first
+    cut = len(ids) - max_len
+    return ids[cut:], max(first - cut, 1)
+
+
+def build_sequences(
+    traces: Sequence[Trace], tokenizer, max_len: int, batch_size: int = 256
+) -> list[_Sequence]:
+    """Tokenize every trace (and every dataset answer) after its benchmark's context."""
+    jobs: list[tuple[int, str, str, str]] = []  # (item, kind, context, target)
+    for i, tr in enumerate(traces):
+        context = template_for(tr.benchmark).render(tr.prompt)
+        jobs.append((i, "trace", context, tr.trace))
+        if tr.answer:
+            jobs.append((i, "answer", context, tr.answer))
+    sequences = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        encoding = tokenizer(
+            [context + target for _, _, context, target in chunk],
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            add_special_tokens=True,
+        )
+        for j, (item, kind, context, target) in enumerate(chunk):
+            span = _target_tokens(encoding, j, len(context))
+            if span is None:
+                if kind == "answer":
+                    continue
+                tr = traces[item]
+                raise RbridgeError(
+                    f"trace {tr.benchmark}/{tr.item_id}: tokenizes to no scoreable token"
+                )
+            first, end = span
+            ids, first = _truncate(
+                encoding["input_ids"][j][:end], first, max_len, tokenizer.bos_token_id
+            )
+            offsets = np.asarray(encoding["offset_mapping"][j][:end], dtype=np.int64)
+            offsets = np.clip(offsets[end - (len(ids) - first) :] - len(context), 0, len(target))
+            sequences.append(_Sequence(item, kind, ids, first, offsets))
+    return sequences
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group indices into batches, longest first, padded size (n x longest) <= ``max_tokens``.
+
+    Sorting by length keeps padding minimal; a sequence longer than the budget gets a batch
+    of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused forward pass
+
+
+def token_statistics(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row NLL, 1-based gold rank, normalised entropy and max probability.
+
+    logits: [rows, V] float32, consumed (shifted in place to save a vocabulary-wide buffer);
+    targets: [rows] int64. rank = 1 + #{v : logit_v > logit_gold}: ties favour the gold token.
+    Works on z - max(z) throughout: with e = exp(z - max) and s = sum(e),
+    nll = log s - (z_gold - max), p_max = 1 / s, entropy = log s - sum(e (z - max)) / s.
+    """
+    gold = logits.gather(1, targets[:, None])  # [rows, 1]
+    rank = (logits > gold).sum(dim=1) + 1
+    top = logits.amax(dim=1, keepdim=True)
+    shifted = logits.sub_(top)  # [rows, V], <= 0
+    e = torch.exp(shifted)
+    s = e.sum(dim=1)
+    log_s = torch.log(s)
+    # Row-wise dot product through bmm: no second [rows, V] temporary.
+    e_dot_shifted = torch.bmm(e[:, None, :], shifted[:, :, None])[:, 0, 0]
+    nll = log_s - (gold[:, 0] - top[:, 0])
+    entropy = (log_s - e_dot_shifted / s).clamp_(min=0.0)
+    return nll, rank, entropy / math.log(logits.shape[1]), 1.0 / s
+
+
+class _FusedScorer:
+    """Runs the model body once per batch and the head on scored rows only, in chunks."""
+
+    def __init__(self, model, config: ScoringConfig):
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.transform = _output_transform(model)
+        self.device = next(model.parameters()).device
+        self.chunk_rows = config.head_chunk_rows
+        use_bf16 = config.dtype == "bfloat16" or (
+            config.dtype == "auto" and self.device.type == "cuda"
+        )
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    @torch.inference_mode()
+    def __call__(self, batch: Sequence[_Sequence]) -> list[TokenStats]:
+        longest = max(len(s.input_ids) for s in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        rows_b, rows_t = [], []
+        for b, seq in enumerate(batch):
+            ids[b, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
+            mask[b, : len(seq.input_ids)] = 1
+            rows_b.append(torch.full((seq.n_scored,), b))
+            rows_t.append(torch.arange(seq.first_scored - 1, len(seq.input_ids) - 1))
+        rows_b, rows_t = torch.cat(rows_b), torch.cat(rows_t)
+        targets = ids[rows_b, rows_t + 1].to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self.autocast:
+            hidden = self.decoder(input_ids=ids, attention_mask=mask)[0]  # [B, T, H]
+            rows = hidden[rows_b.to(self.device), rows_t.to(self.device)]  # [M, H]
+            parts = [
+                self._head_stats(rows[i : i + self.chunk_rows], targets[i : i + self.chunk_rows])
+                for i in range(0, len(rows), self.chunk_rows)
+            ]
+        nll, rank, ent, p_max = (torch.cat(p).cpu() for p in zip(*parts))
+        if not torch.isfinite(nll).all():
+            raise RbridgeError("the model produced non-finite log-probabilities (NaN/inf weights?)")
+        sizes = [s.n_scored for s in batch]
+        return [
+            TokenStats(
+                t.numpy().astype(np.int64),
+                n.double().numpy(),
+                r.numpy().astype(np.int64),
+                e.double().numpy(),
+                p.double().numpy(),
+            )
+            for t, n, r, e, p in zip(
+                *(x.split(sizes) for x in (targets.cpu(), nll, rank, ent, p_max))
+            )
+        ]
+
+    def _head_stats(self, rows: torch.Tensor, targets: torch.Tensor):
+        logits = self.transform(self.head(rows)).float()  # [chunk, V]: the only vocab-wide tensor
+        return token_statistics(logits, targets)
+
+
+def run_forward(
+    model,
+    sequences: Sequence[_Sequence],
+    config: ScoringConfig,
+    progress: Callable[[int], None] | None = None,
+) -> list[TokenStats]:
+    """Token statistics of every sequence, in the order given (batching is internal)."""
+    scorer = _FusedScorer(model, config)
+    results: list[TokenStats | None] = [None] * len(sequences)
+    lengths = [len(s.input_ids) for s in sequences]
+    for batch in length_batches(lengths, config.batch_max_tokens):
+        for i, stats in zip(batch, scorer([sequences[i] for i in batch])):
+            results[i] = stats
+        if progress is not None:
+            progress(sum(sequences[i].n_scored for i in batch))
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# From token statistics to metrics
+
+
+def _rbridge_weights(
+    traces: Sequence[Trace], trace_seqs: dict[int, _Sequence], config: ScoringConfig
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per item: (raw confidence weights, MinMax weights) of the tokens rBridge scores."""
+    raw = {}
+    for item, seq in trace_seqs.items():
+        tr = traces[item]
+        conf = alignment.char_confidences(tr.trace, tr.frontier_tokens, tr.frontier_logprobs)
+        w = alignment.token_confidences(conf, seq.offsets)
+        raw[item] = (
+            w if config.rbridge_last_n_tokens is None else w[-config.rbridge_last_n_tokens :]
+        )
+    if config.minmax_scope == "trace":
+        return {item: (w, alignment.minmax(w)) for item, w in raw.items()}
+    scaled = {}
+    for bench in {traces[i].benchmark for i in raw}:
+        items = [i for i in raw if traces[i].benchmark == bench]
+        for item, w in zip(items, alignment.minmax_grouped([raw[i] for i in items])):
+            scaled[item] = (raw[item], w)
+    return scaled
+
+
+def _scored_bytes(trace: str, offsets: np.ndarray) -> int:
+    """UTF-8 bytes of the trace text from the first scored token on."""
+    return len(trace[int(offsets[0, 0]) :].encode("utf-8")) if len(offsets) else 0
+
+
+def _span_metrics(tr: Trace, seq: _Sequence, stats: TokenStats) -> dict[str, tuple[float, int]]:
+    """The official tool's mode: NLL and bits/byte of tokens inside ``mask_spans``."""
+    if not tr.mask_spans:
+        return {}
+    inside = alignment.span_weights(seq.offsets, tr.mask_spans, len(tr.trace)) > 0
+    n = int(inside.sum())
+    nats = float(stats.nll[inside].sum())
+    n_bytes = sum(len(tr.trace[s:e].encode("utf-8")) for s, e in tr.mask_spans)
+    return {
+        "span_nll": (nats / n if n else math.nan, n),
+        "span_bpb": (metrics.bits_per_byte(nats, n_bytes) if n else math.nan, n),
+    }
+
+
+def item_metric_values(
+    traces: Sequence[Trace],
+    sequences: Sequence[_Sequence],
+    stats: Sequence[TokenStats],
+    config: ScoringConfig,
+) -> list[tuple[int, str, float, int]]:
+    """Every metric of every item: rows of (item, metric, value, n_tokens)."""
+    trace_seqs = {s.item: (s, st) for s, st in zip(sequences, stats) if s.kind == "trace"}
+    answer_stats = {s.item: st for s, st in zip(sequences, stats) if s.kind == "answer"}
+    weights = _rbridge_weights(traces, {i: s for i, (s, _) in trace_seqs.items()}, config)
+
+    token_counts: dict[str, Counter] = {}
+    for item, (_, st) in trace_seqs.items():
+        token_counts.setdefault(traces[item].benchmark, Counter()).update(st.token_ids.tolist())
+
+    rows = []
+    for item, (seq, st) in trace_seqs.items():
+        tr = traces[item]
+        window = st.tail(config.rbridge_last_n_tokens)
+        raw_w, minmax_w = weights[item]
+        n_bytes = _scored_bytes(tr.trace, seq.offsets[len(seq.offsets) - len(window) :])
+        values = {
+            "rbridge_nll": (metrics.rbridge_nll(window.nll, minmax_w), len(window)),
+            "rbridge_nll_raw": (metrics.rbridge_nll(window.nll, raw_w), len(window)),
+            "trace_nll": (float(window.nll.mean()), len(window)),
+            "trace_bpb": (metrics.bits_per_byte(float(window.nll.sum()), n_bytes), len(window)),
+        }
+        if item in answer_stats:
+            ans = answer_stats[item]
+            values["answer_nll"] = (float(ans.nll.mean()), len(ans))
+        values.update(_span_metrics(tr, seq, st))
+        stat_window = st.tail(config.stats_last_n_tokens)
+        counts = token_counts[tr.benchmark]
+        for name, value in metrics.token_statistic_metrics(stat_window, counts).items():
+            values[name] = (value, len(stat_window))
+        rows.extend((item, name, value, n) for name, (value, n) in values.items())
+    return rows
+
+
+def item_scores_table(
+    traces: Sequence[Trace],
+    rows: Sequence[tuple[int, str, float, int]],
+    corpus: str,
+    checkpoint: str,
+) -> pa.Table:
+    """Rows of (item, metric, value, n_tokens) as the ``item_scores`` table."""
+    return pa.table(
+        {
+            "corpus": [corpus] * len(rows),
+            "benchmark": [traces[i].benchmark for i, *_ in rows],
+            "item_id": [traces[i].item_id for i, *_ in rows],
+            "metric": [m for _, m, _, _ in rows],
+            "value": [v for _, _, v, _ in rows],
+            "n_tokens": [n for *_, n in rows],
+            "checkpoint": [checkpoint] * len(rows),
+        },
+        schema=schemas.ITEM_SCORES,
+    )
+
+
+def benchmark_scores(
+    item_scores: pa.Table,
+    config: ScoringConfig,
+    params: int | None = None,
+    train_tokens: int | None = None,
+    train_flops: float | None = None,
+) -> pa.Table:
+    """Mean over items per (corpus, checkpoint, benchmark, metric), with a bootstrap interval."""
+    df = pl.from_arrow(item_scores).filter(pl.col("value").is_not_nan())
+    groups = df.group_by(["corpus", "checkpoint", "benchmark", "metric"], maintain_order=True).agg(
+        pl.col("value")
+    )
+    records = []
+    for row in groups.iter_rows(named=True):
+        values = np.asarray(row["value"], dtype=np.float64)
+        # Seeded per benchmark: every metric resamples the same items (paired intervals).
+        rng = np.random.default_rng([config.seed, zlib.crc32(row["benchmark"].encode())])
+        low, high = metrics.bootstrap_ci(values, rng, config.bootstrap_samples, config.ci_level)
+        records.append(
+            {
+                "corpus": row["corpus"],
+                "benchmark": row["benchmark"],
+                "metric": row["metric"],
+                "value": float(values.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "n_items": len(values),
+                "params": params,
+                "train_tokens": train_tokens,
+                "train_flops": train_flops,
+                "checkpoint": row["checkpoint"],
+            }
+        )
+    return pa.Table.from_pylist(records, schema=schemas.SCORES)
+
+
+def context_length(model, config: ScoringConfig) -> int:
+    """The scoring context: the config's, else the model's ``max_position_embeddings``."""
+    if config.max_seq_len_tokens is not None:
+        return config.max_seq_len_tokens
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+def score_traces(
+    model,
+    tokenizer,
+    traces: Sequence[Trace],
+    config: ScoringConfig,
+    *,
+    corpus: str,
+    checkpoint: str,
+    train_tokens: int | None = None,
+    train_flops: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreResult:
+    """Score ``model`` on ``traces``: every metric, per item and per benchmark."""
+    if not traces:
+        raise RbridgeError("no traces to score")
+    start = time.perf_counter()
+    sequences = build_sequences(traces, tokenizer, context_length(model, config))
+    stats = run_forward(model, sequences, config, progress)
+    rows = item_metric_values(traces, sequences, stats, config)
+    item_scores = item_scores_table(traces, rows, corpus, checkpoint)
+    scores = benchmark_scores(
+        item_scores, config, count_parameters(model), train_tokens, train_flops
+    )
+    n_scored = sum(s.n_scored for s in sequences if s.kind == "trace")
+    seconds = time.perf_counter() - start
+    logger.info(
+        "scored %d trace tokens in %.1fs (%.0f tok/s)", n_scored, seconds, n_scored / seconds
+    )
+    return ScoreResult(item_scores, scores, n_scored, seconds)
+
+
+def read_training_meta(model_dir: str | Path) -> dict:
+    """``meta.json`` beside a checkpoint (written by rbridge training), or {} when absent."""
+    path = Path(model_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def score_model_dir(
+    model_dir: str | Path,
+    traces: Sequence[Trace],
+    config: ScoringConfig,
+    *,
+    corpus: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreResult:
+    """Load a model folder and score it; ``corpus`` defaults to the folder's name."""
+    model, tokenizer = load_model_dir(model_dir, config.device)
+    meta = read_training_meta(model_dir)
+    return score_traces(
+        model,
+        tokenizer,
+        traces,
+        config,
+        corpus=corpus or Path(model_dir).name,
+        checkpoint=str(model_dir),
+        train_tokens=meta.get("train_tokens"),
+        train_flops=meta.get("train_flops"),
+        progress=progress,
+    )
