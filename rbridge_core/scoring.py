@@ -19,7 +19,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +56,18 @@ class _Sequence:
     input_ids: list[int]
     first_scored: int  # index in input_ids of the first scored token (>= 1)
     offsets: np.ndarray  # [n_scored, 2] scored tokens' character offsets, relative to the target
+    # Prefix sharing: the dataset answer's tokens packed after the trace; they see only the first
+    # ``answer_context`` tokens (the shared context) and themselves.
+    answer_ids: list[int] = field(default_factory=list)
+    answer_context: int = 0
 
     @property
     def n_scored(self) -> int:
         return len(self.input_ids) - self.first_scored
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids) + len(self.answer_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +160,32 @@ def check_fused_head(model) -> None:
         )
 
 
+def supports_prefix_sharing(model) -> bool:
+    """Whether packed answers (custom 4-D mask + position ids) score as if run alone.
+
+    Checked on a short random example; an architecture that ignores custom masks or position
+    ids scores answers in rows of their own instead.
+    """
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, n_vocab, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    context, trace, answer = ids[:5], ids[5:9], ids[9:]
+    no_offsets = np.zeros((0, 2), dtype=np.int64)
+    packed = _Sequence(0, "trace", context + trace, 5, no_offsets, answer, 5)
+    trace_alone = _Sequence(0, "trace", context + trace, 5, no_offsets)
+    answer_alone = _Sequence(0, "answer", context + answer, 5, no_offsets)
+    scorer = _FusedScorer(model, ScoringConfig(dtype="float32", compile_statistics=False))
+    try:
+        (t_packed, a_packed), (t_alone, _), (a_alone, _) = scorer(
+            [packed, trace_alone, answer_alone]
+        )
+    except (RuntimeError, ValueError, TypeError) as err:
+        logger.info("prefix sharing unsupported by %s: %s", type(model).__name__, err)
+        return False
+    return np.allclose(t_packed.nll, t_alone.nll, atol=1e-4) and np.allclose(
+        a_packed.nll, a_alone.nll, atol=1e-4
+    )
+
+
 def count_parameters(model) -> int:
     """Total parameters, tied weights counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -235,6 +269,31 @@ def build_sequences(
     return sequences
 
 
+def share_answer_prefixes(sequences: list[_Sequence], max_len: int) -> list[_Sequence]:
+    """Pack each answer sequence into its trace's row when their contexts tokenize alike.
+
+    The answer-NLL baseline needs the context once more; packed after the trace with an
+    attention mask that hides the trace from it, the answer reuses the trace row's context
+    instead of running the whole prompt through the model a second time.
+    """
+    traces = {s.item: s for s in sequences if s.kind == "trace"}
+    kept = []
+    for seq in sequences:
+        host = traces.get(seq.item) if seq.kind == "answer" else None
+        shared = seq.first_scored
+        if (
+            host is not None
+            and shared <= host.first_scored
+            and seq.input_ids[:shared] == host.input_ids[:shared]
+            and host.length + seq.n_scored <= max_len
+        ):
+            host.answer_ids = seq.input_ids[shared:]
+            host.answer_context = shared
+        else:
+            kept.append(seq)
+    return kept
+
+
 def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Group indices into batches, longest first, padded size (n x longest) <= ``max_tokens``.
 
@@ -256,27 +315,63 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def token_statistics(
-    logits: torch.Tensor, targets: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, kernel: Callable | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row NLL, 1-based gold rank, normalised entropy and max probability.
 
-    logits: [rows, V] float32, consumed (shifted in place to save a vocabulary-wide buffer);
-    targets: [rows] int64. rank = 1 + #{v : logit_v > logit_gold}: ties favour the gold token.
-    Works on z - max(z) throughout: with e = exp(z - max) and s = sum(e),
+    logits: [rows, V] float32; targets: [rows] int64. rank = 1 + #{v : logit_v > logit_gold}:
+    ties favour the gold token. ``kernel`` is ``_statistics`` or a compiled version of it.
+    """
+    nll, rank, entropy, p_max = (kernel or _statistics)(logits, targets)
+    return nll, rank, entropy / math.log(logits.shape[1]), p_max
+
+
+def _statistics(logits: torch.Tensor, targets: torch.Tensor):
+    """The vocabulary-wide work of ``token_statistics``; entropy in nats.
+
+    Works on z - max(z): with e = exp(z - max) and s = sum(e),
     nll = log s - (z_gold - max), p_max = 1 / s, entropy = log s - sum(e (z - max)) / s.
     """
     gold = logits.gather(1, targets[:, None])  # [rows, 1]
     rank = (logits > gold).sum(dim=1) + 1
     top = logits.amax(dim=1, keepdim=True)
-    shifted = logits.sub_(top)  # [rows, V], <= 0
+    shifted = logits - top  # [rows, V], <= 0
     e = torch.exp(shifted)
     s = e.sum(dim=1)
     log_s = torch.log(s)
-    # Row-wise dot product through bmm: no second [rows, V] temporary.
-    e_dot_shifted = torch.bmm(e[:, None, :], shifted[:, :, None])[:, 0, 0]
     nll = log_s - (gold[:, 0] - top[:, 0])
-    entropy = (log_s - e_dot_shifted / s).clamp_(min=0.0)
-    return nll, rank, entropy / math.log(logits.shape[1]), 1.0 / s
+    entropy = (log_s - (e * shifted).sum(dim=1) / s).clamp(min=0.0)
+    return nll, rank, entropy, 1.0 / s
+
+
+_compiled_statistics: dict[str, Callable] = {}
+
+
+def statistics_kernel(device: torch.device, use_compile: bool) -> Callable:
+    """The statistics kernel: ``_statistics`` compiled when asked and possible, else eager.
+
+    Eager PyTorch makes about eight passes over each [rows, V] block (compare, max, subtract,
+    exp, sum, multiply, sum); torch.compile fuses them into two, which matters because these
+    passes are memory-bound and cost as much as the output-head matmul itself on CPU.
+    Compilation happens once per process and device type (shapes are dynamic); if it fails
+    (no C++ compiler, unsupported platform) scoring goes on eagerly with one warning.
+    """
+    if not use_compile:
+        return _statistics
+    if device.type not in _compiled_statistics:
+        _compiled_statistics[device.type] = _try_compile(device)
+    return _compiled_statistics[device.type]
+
+
+def _try_compile(device: torch.device) -> Callable:
+    compiled = torch.compile(_statistics, dynamic=True)
+    try:
+        with torch.inference_mode():  # probe with inference tensors, as scoring calls it
+            compiled(torch.randn(3, 11, device=device), torch.tensor([0, 5, 10], device=device))
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+        logger.warning("torch.compile of the statistics kernel failed (%s); running eagerly", err)
+        return _statistics
+    return compiled
 
 
 class _FusedScorer:
@@ -289,28 +384,45 @@ class _FusedScorer:
         self.transform = _output_transform(model)
         self.device = next(model.parameters()).device
         self.chunk_rows = config.head_chunk_rows
+        self.statistics = statistics_kernel(self.device, config.compile_statistics)
+        self._buffer: torch.Tensor | None = None
         use_bf16 = config.dtype == "bfloat16" or (
             config.dtype == "auto" and self.device.type == "cuda"
         )
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.use_buffer = (
+            self.device.type == "cpu" and not use_bf16 and self.head.weight.dtype == torch.float32
+        )
 
     @torch.inference_mode()
-    def __call__(self, batch: Sequence[_Sequence]) -> list[TokenStats]:
-        longest = max(len(s.input_ids) for s in batch)
+    def __call__(self, batch: Sequence[_Sequence]) -> list[tuple[TokenStats, TokenStats | None]]:
+        """(trace or answer stats, packed answer stats or None) for each sequence."""
+        longest = max(s.length for s in batch)
         ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        rows_b, rows_t = [], []
+        lengths = torch.tensor([s.length for s in batch])
+        pred_b, pred_t, sizes = [], [], []  # predicting rows (batch index, position), per part
         for b, seq in enumerate(batch):
-            ids[b, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
-            mask[b, : len(seq.input_ids)] = 1
-            rows_b.append(torch.full((seq.n_scored,), b))
-            rows_t.append(torch.arange(seq.first_scored - 1, len(seq.input_ids) - 1))
-        rows_b, rows_t = torch.cat(rows_b), torch.cat(rows_t)
-        targets = ids[rows_b, rows_t + 1].to(self.device)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+            ids[b, : seq.length] = torch.tensor(seq.input_ids + seq.answer_ids)
+            n = len(seq.input_ids)
+            pred_t.append(torch.arange(seq.first_scored - 1, n - 1))
+            sizes.append(seq.n_scored)
+            if seq.answer_ids:  # first answer token follows the shared context
+                pred_t.append(torch.arange(n - 1, seq.length - 1))
+                pred_t[-1][0] = seq.answer_context - 1
+                sizes.append(len(seq.answer_ids))
+            pred_b.append(torch.full((seq.n_scored + len(seq.answer_ids),), b))
+        pred_b, pred_t = torch.cat(pred_b), torch.cat(pred_t)
+        targets = _targets(ids, batch, pred_b, pred_t)
+        mask, positions = _attention(batch, longest, lengths)
+        dev = self.device
         with self.autocast:
-            hidden = self.decoder(input_ids=ids, attention_mask=mask)[0]  # [B, T, H]
-            rows = hidden[rows_b.to(self.device), rows_t.to(self.device)]  # [M, H]
+            hidden = self.decoder(
+                input_ids=ids.to(dev),
+                attention_mask=None if mask is None else mask.to(dev),
+                position_ids=None if positions is None else positions.to(dev),
+            )[0]  # [B, T, H]
+            rows = hidden[pred_b.to(dev), pred_t.to(dev)]  # [M, H]
+            targets = targets.to(dev)
             parts = [
                 self._head_stats(rows[i : i + self.chunk_rows], targets[i : i + self.chunk_rows])
                 for i in range(0, len(rows), self.chunk_rows)
@@ -318,8 +430,7 @@ class _FusedScorer:
         nll, rank, ent, p_max = (torch.cat(p).cpu() for p in zip(*parts))
         if not torch.isfinite(nll).all():
             raise RbridgeError("the model produced non-finite log-probabilities (NaN/inf weights?)")
-        sizes = [s.n_scored for s in batch]
-        return [
+        stats = iter(
             TokenStats(
                 t.numpy().astype(np.int64),
                 n.double().numpy(),
@@ -330,11 +441,69 @@ class _FusedScorer:
             for t, n, r, e, p in zip(
                 *(x.split(sizes) for x in (targets.cpu(), nll, rank, ent, p_max))
             )
-        ]
+        )
+        return [(next(stats), next(stats) if seq.answer_ids else None) for seq in batch]
 
     def _head_stats(self, rows: torch.Tensor, targets: torch.Tensor):
-        logits = self.transform(self.head(rows)).float()  # [chunk, V]: the only vocab-wide tensor
-        return token_statistics(logits, targets)
+        logits = self._head_logits(rows)  # [chunk, V]: the only vocabulary-wide tensor
+        # A fresh targets tensor (storage offset 0) spares the compiled kernel a recompile.
+        return token_statistics(logits, targets.clone(), self.statistics)
+
+    def _head_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of ``rows``. On CPU into one reused buffer: a fresh [chunk, V]
+        allocation per chunk costs page faults that slowed the head matmul by ~1.6x here."""
+        if not self.use_buffer:
+            return self.transform(self.head(rows)).float()
+        weight = self.head.weight  # [V, H]
+        if self._buffer is None:
+            self._buffer = torch.empty(self.chunk_rows, weight.shape[0], dtype=torch.float32)
+        out = self._buffer[: len(rows)]
+        torch.matmul(rows, weight.t(), out=out)
+        if getattr(self.head, "bias", None) is not None:
+            out.add_(self.head.bias)
+        return self.transform(out)
+
+
+def batch_token_budget(config: ScoringConfig, device: torch.device) -> int:
+    """Padded tokens per batch: the config's, else a default measured per device type."""
+    if config.batch_max_tokens is not None:
+        return config.batch_max_tokens
+    return 32768 if device.type == "cuda" else 4096
+
+
+def _targets(ids, batch, pred_b, pred_t) -> torch.Tensor:
+    """The gold token each predicting row is scored on: the next token, except where a packed
+    answer's first token is predicted from the end of the shared context."""
+    targets = ids[pred_b, pred_t + 1]
+    offset = 0
+    for seq in batch:
+        offset += seq.n_scored
+        if seq.answer_ids:
+            targets[offset] = seq.answer_ids[0]
+            offset += len(seq.answer_ids)
+    return targets
+
+
+def _attention(batch, longest: int, lengths: torch.Tensor):
+    """The attention mask (and position ids) of a batch.
+
+    Without packed answers: the usual [B, T] padding mask. With them: a [B, 1, T, T] boolean
+    mask, causal and padding-aware, where a packed answer's tokens do not see the trace
+    (positions answer_context .. trace end), and position ids that continue the shared context.
+    """
+    key_ok = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
+    if not any(seq.answer_ids for seq in batch):
+        # No padding: no mask at all, so attention takes its causal kernel and never
+        # materialises a [B, 1, T, T] mask.
+        return (None if bool(key_ok.all()) else key_ok.long()), None
+    mask = torch.ones(longest, longest, dtype=torch.bool).tril()[None] & key_ok[:, None, :]
+    positions = torch.arange(longest).repeat(len(batch), 1)
+    for b, seq in enumerate(batch):
+        if seq.answer_ids:
+            n = len(seq.input_ids)
+            mask[b, n : seq.length, seq.answer_context : n] = False
+            positions[b, n : seq.length] = torch.arange(len(seq.answer_ids)) + seq.answer_context
+    return mask[:, None], positions
 
 
 def run_forward(
@@ -342,12 +511,12 @@ def run_forward(
     sequences: Sequence[_Sequence],
     config: ScoringConfig,
     progress: Callable[[int], None] | None = None,
-) -> list[TokenStats]:
-    """Token statistics of every sequence, in the order given (batching is internal)."""
+) -> list[tuple[TokenStats, TokenStats | None]]:
+    """Token statistics of every sequence (and of its packed answer), in the order given."""
     scorer = _FusedScorer(model, config)
-    results: list[TokenStats | None] = [None] * len(sequences)
-    lengths = [len(s.input_ids) for s in sequences]
-    for batch in length_batches(lengths, config.batch_max_tokens):
+    results: list = [None] * len(sequences)
+    lengths = [s.length for s in sequences]
+    for batch in length_batches(lengths, batch_token_budget(config, scorer.device)):
         for i, stats in zip(batch, scorer([sequences[i] for i in batch])):
             results[i] = stats
         if progress is not None:
@@ -403,12 +572,13 @@ def _span_metrics(tr: Trace, seq: _Sequence, stats: TokenStats) -> dict[str, tup
 def item_metric_values(
     traces: Sequence[Trace],
     sequences: Sequence[_Sequence],
-    stats: Sequence[TokenStats],
+    stats: Sequence[tuple[TokenStats, TokenStats | None]],
     config: ScoringConfig,
 ) -> list[tuple[int, str, float, int]]:
     """Every metric of every item: rows of (item, metric, value, n_tokens)."""
-    trace_seqs = {s.item: (s, st) for s, st in zip(sequences, stats) if s.kind == "trace"}
-    answer_stats = {s.item: st for s, st in zip(sequences, stats) if s.kind == "answer"}
+    trace_seqs = {s.item: (s, st) for s, (st, _) in zip(sequences, stats) if s.kind == "trace"}
+    answer_stats = {s.item: st for s, (st, _) in zip(sequences, stats) if s.kind == "answer"}
+    answer_stats |= {s.item: ans for s, (_, ans) in zip(sequences, stats) if ans is not None}
     weights = _rbridge_weights(traces, {i: s for i, (s, _) in trace_seqs.items()}, config)
 
     token_counts: dict[str, Counter] = {}
@@ -519,7 +689,10 @@ def score_traces(
     if not traces:
         raise RbridgeError("no traces to score")
     start = time.perf_counter()
-    sequences = build_sequences(traces, tokenizer, context_length(model, config))
+    max_len = context_length(model, config)
+    sequences = build_sequences(traces, tokenizer, max_len)
+    if supports_prefix_sharing(model):
+        sequences = share_answer_prefixes(sequences, max_len)
     stats = run_forward(model, sequences, config, progress)
     rows = item_metric_values(traces, sequences, stats, config)
     item_scores = item_scores_table(traces, rows, corpus, checkpoint)

@@ -307,3 +307,49 @@ def test_nan_weights_give_a_clear_error(tmp_path, table):
     with pytest.raises(RbridgeError, match="non-finite"):
         score_traces(model, tok, [Trace("toy", "1", "dd", "abc")], ScoringConfig(),
                      corpus="c", checkpoint="k")  # fmt: skip
+
+
+def test_compiled_and_eager_statistics_agree(tiny_random, gsm8k_traces):
+    model, tok = tiny_random
+    kw = dict(corpus="c", checkpoint="k")
+    eager = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics=False), **kw)
+    fused = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics=True), **kw)
+    np.testing.assert_allclose(
+        _values(eager)["value"].to_numpy(), _values(fused)["value"].to_numpy(), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_tracks_cpu_float32(tiny_random, gsm8k_traces):
+    model, tok = tiny_random
+    kw = dict(corpus="c", checkpoint="k")
+    cpu = score_traces(model, tok, gsm8k_traces, ScoringConfig(device="cpu"), **kw)
+    gpu_model = model.to("cuda")
+    try:
+        gpu = score_traces(gpu_model, tok, gsm8k_traces, ScoringConfig(device="cuda"), **kw)
+    finally:
+        model.to("cpu")
+    a = _values(cpu).filter(pl.col("metric") == "trace_nll")["value"].to_numpy()
+    b = _values(gpu).filter(pl.col("metric") == "trace_nll")["value"].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=2e-2)  # bf16 autocast: ~3 significant digits
+
+
+def test_packed_answers_score_as_if_alone(tiny_random, gsm8k_traces):
+    from rbridge_core.scoring import run_forward, share_answer_prefixes, supports_prefix_sharing
+
+    model, tok = tiny_random
+    assert supports_prefix_sharing(model)
+    alone = build_sequences(gsm8k_traces, tok, 4096)
+    packed = share_answer_prefixes(build_sequences(gsm8k_traces, tok, 4096), 4096)
+    assert len(alone) == 2 * len(gsm8k_traces)
+    assert len(packed) == len(gsm8k_traces)  # every answer rode along with its trace
+    cfg = ScoringConfig(batch_max_tokens=2000)
+    expected = {
+        s.item: st.nll for s, (st, _) in zip(alone, run_forward(model, alone, cfg))
+        if s.kind == "answer"
+    }  # fmt: skip
+    got = {s.item: ans.nll for s, (_, ans) in zip(packed, run_forward(model, packed, cfg))}
+    assert expected.keys() == got.keys()
+    for item, nll in expected.items():
+        np.testing.assert_allclose(got[item], nll, rtol=1e-5, atol=1e-5)
