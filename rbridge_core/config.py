@@ -36,10 +36,11 @@ class ScoringConfig(_Frozen):
     minmax_scope: Literal["trace", "benchmark"] = Field(
         "trace", description="Scope of the MinMax normalisation of rBridge weights."
     )
-    compile_statistics: bool = Field(
-        True,
-        description="torch.compile the per-token statistics kernel (fuses the vocabulary-wide "
-        "passes; falls back to eager, with a warning, where compilation is unavailable).",
+    compile_statistics: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the per-token statistics kernel, fusing its vocabulary-wide "
+        "passes (falls back to eager, with a warning, where compilation is unavailable). auto: "
+        "only for runs large enough to repay the compile time (rows x vocabulary >= 5e8).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field(

@@ -312,8 +312,8 @@ def test_nan_weights_give_a_clear_error(tmp_path, table):
 def test_compiled_and_eager_statistics_agree(tiny_random, gsm8k_traces):
     model, tok = tiny_random
     kw = dict(corpus="c", checkpoint="k")
-    eager = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics=False), **kw)
-    fused = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics=True), **kw)
+    eager = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics="off"), **kw)
+    fused = score_traces(model, tok, gsm8k_traces, ScoringConfig(compile_statistics="on"), **kw)
     np.testing.assert_allclose(
         _values(eager)["value"].to_numpy(), _values(fused)["value"].to_numpy(), rtol=1e-5, atol=1e-5
     )
