@@ -178,6 +178,8 @@ def supports_prefix_sharing(model) -> bool:
         (t_packed, a_packed), (t_alone, _), (a_alone, _) = scorer(
             [packed, trace_alone, answer_alone]
         )
+    except NonFiniteScores:
+        return False  # broken weights: scoring itself reports them, naming the trace
     except (RuntimeError, ValueError, TypeError) as err:
         logger.info("prefix sharing unsupported by %s: %s", type(model).__name__, err)
         return False
@@ -378,11 +380,18 @@ def _try_compile(device: torch.device) -> Callable:
     return compiled
 
 
+class NonFiniteScores(RbridgeError):
+    """The model produced NaN/inf log-probabilities; ``item`` indexes the first trace hit."""
+
+    def __init__(self, item: int):
+        super().__init__(f"non-finite log-probabilities for trace #{item}")
+        self.item = item
+
+
 class _FusedScorer:
     """Runs the model body once per batch and the head on scored rows only, in chunks."""
 
     def __init__(self, model, config: ScoringConfig, use_compile: bool = False):
-        self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.transform = _output_transform(model)
@@ -432,8 +441,13 @@ class _FusedScorer:
                 for i in range(0, len(rows), self.chunk_rows)
             ]
         nll, rank, ent, p_max = (torch.cat(p).cpu() for p in zip(*parts))
-        if not torch.isfinite(nll).all():
-            raise RbridgeError("the model produced non-finite log-probabilities (NaN/inf weights?)")
+        finite = torch.isfinite(nll)
+        if not finite.all():
+            owners = [seq.item for seq in batch for _ in range(1 + bool(seq.answer_ids))]
+            part = int(
+                torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[~finite][0]
+            )
+            raise NonFiniteScores(owners[part])
         stats = iter(
             TokenStats(
                 t.numpy().astype(np.int64),
@@ -702,7 +716,14 @@ def score_traces(
     sequences = build_sequences(traces, tokenizer, max_len)
     if supports_prefix_sharing(model):
         sequences = share_answer_prefixes(sequences, max_len)
-    stats = run_forward(model, sequences, config, progress)
+    try:
+        stats = run_forward(model, sequences, config, progress)
+    except NonFiniteScores as err:
+        tr = traces[err.item]
+        raise RbridgeError(
+            f"{checkpoint}: the model produced non-finite log-probabilities (NaN/inf) on "
+            f"{tr.benchmark}/{tr.item_id}: its weights are likely corrupt or diverged"
+        ) from None
     rows = item_metric_values(traces, sequences, stats, config)
     item_scores = item_scores_table(traces, rows, corpus, checkpoint)
     scores = benchmark_scores(

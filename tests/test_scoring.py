@@ -304,7 +304,7 @@ def test_nan_weights_give_a_clear_error(tmp_path, table):
     model, tok = load_model_dir(model_dir, "cpu")
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(RbridgeError, match="non-finite"):
+    with pytest.raises(RbridgeError, match="non-finite log-probabilities .* on toy/1"):
         score_traces(model, tok, [Trace("toy", "1", "dd", "abc")], ScoringConfig(),
                      corpus="c", checkpoint="k")  # fmt: skip
 
