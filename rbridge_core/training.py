@@ -1,0 +1,584 @@
+"""Proxy pre-training: the config, the LR schedule, one explicit training loop, checkpoints, resume.
+
+``train(model, batches, cfg, out_dir)`` runs AdamW with linear warmup then cosine decay over
+batches of ``[batch_size, seq_len_tokens + 1]`` int64 token rows (inputs ``[:, :-1]``, targets
+``[:, 1:]``). Every ``checkpoint_every_steps`` optimizer steps, and at the end, it writes
+``out_dir/checkpoints/step_{k:07d}/`` (weights as safetensors, optimizer, step, RNG states, data
+position, readable ``meta.json``) through a temporary folder and a rename, keeping the last few.
+``train(..., resume=True)`` restores all of that from the latest checkpoint and continues exactly
+where it stopped. The trained model is saved as a Hugging Face folder ``out_dir/final`` with a
+``meta.json`` holding ``train_tokens`` and ``train_flops`` (read by the scoring engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rbridge_core.errors import ConfigError, RbridgeError
+from rbridge_core.models import count_parameters
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+META_NAME = "meta.json"
+_WEIGHTS = "model.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_RNG = "rng.pt"
+_STATE = "trainer_state.json"
+
+# Dense bf16 peak FLOP/s per GPU, matched by substring of torch.cuda.get_device_name() (first hit).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+class TrainingConfig(BaseModel):
+    """How a proxy is trained. Give exactly one of max_steps, train_tokens, tokens_per_param."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps.")
+    train_tokens: int | None = Field(None, ge=1, description="Token budget (rounded up to steps).")
+    tokens_per_param: float | None = Field(
+        None, gt=0, description="Token budget as a multiple of the parameters (Chinchilla: 20)."
+    )
+    seq_len_tokens: int = Field(512, ge=1, description="Tokens per row (inputs; rows carry +1).")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch, per rank.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on 2-D weights only.")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; None: off.")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Checkpoint interval in steps (always one at the end)."
+    )
+    keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    seed: int = 0
+    compile: bool = Field(False, description="torch.compile the model (opt-in).")
+    log_every_steps: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        budgets = {
+            k: getattr(self, k)
+            for k in ("max_steps", "train_tokens", "tokens_per_param")
+            if getattr(self, k) is not None
+        }
+        if len(budgets) != 1:
+            raise ValueError(
+                f"training: give exactly one of max_steps, train_tokens, tokens_per_param "
+                f"(got {budgets or 'none'})"
+            )
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"training.betas={self.betas}: each must be in [0, 1)")
+        return self
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens consumed by one optimizer step across all ranks."""
+        return self.batch_size * self.seq_len_tokens * self.grad_accum_steps * world_size
+
+
+def steps_for_budget(cfg: TrainingConfig, n_params: int | None = None, world_size: int = 1) -> int:
+    """Optimizer steps for ``cfg``'s budget: max_steps, or the token budget rounded up to steps.
+
+    ``n_params`` is needed for ``tokens_per_param`` (budget = tokens_per_param x n_params).
+    """
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.train_tokens is not None:
+        budget = cfg.train_tokens
+    else:
+        if n_params is None:
+            raise ConfigError("training.tokens_per_param needs the model's parameter count")
+        budget = math.ceil(cfg.tokens_per_param * n_params)
+    return max(1, math.ceil(budget / cfg.tokens_per_step(world_size)))
+
+
+def lr_at(step: int, cfg: TrainingConfig, max_steps: int | None = None) -> float:
+    """LR of optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine to the minimum.
+
+    Warmup steps use ``lr * (step + 1) / warmup_steps``; after it the LR follows a half cosine
+    from ``lr`` to ``lr * min_lr_ratio``, reached at the last step ``max_steps - 1``.
+    ``max_steps`` defaults to ``cfg.max_steps`` (pass ``steps_for_budget(...)`` for a token budget).
+    """
+    total = cfg.max_steps if max_steps is None else max_steps
+    if total is None:
+        raise ConfigError("lr_at needs max_steps when the config gives a token budget")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = total - 1 - cfg.warmup_steps
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def flops_per_token(model: torch.nn.Module) -> int:
+    """Training FLOPs per token, 6 x N, where N counts the matmul weights: non-embedding + head.
+
+    With tied embeddings this is the distinct parameter count; an untied input embedding (a
+    lookup, no FLOPs) is left out. Attention's sequence-length term is ignored (as in 6ND).
+    """
+    _, non_embedding = count_parameters(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = 0 if head is None else head.weight.numel()
+    return 6 * (non_embedding + head_params)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of ``device`` from ``PEAK_BF16_FLOPS``; None on CPU or unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` did. ``losses[i]`` is the mean loss of optimizer step i (0-based)."""
+
+    steps: int
+    tokens_seen: int
+    losses: list[float]
+    tokens_per_second: float
+    train_flops: float
+    mfu: float | None
+    n_params: int
+    non_embedding_params: int
+    final_dir: Path | None
+    last_checkpoint: Path | None
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS_DIR / f"step_{step:07d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``out_dir/checkpoints``, oldest first (temporaries ignored)."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted((p for p in found if (p / META_NAME).is_file()), key=lambda p: p.name)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    meta: dict,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically (temporary folder, then rename); keep the last k."""
+    final = checkpoint_dir(out_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    # save_model handles tied (shared) tensors, which safetensors' save_file refuses
+    safetensors.torch.save_model(_unwrap(model), str(tmp / _WEIGHTS))
+    torch.save(optimizer.state_dict(), tmp / _OPTIMIZER)
+    torch.save(_rng_state(), tmp / _RNG)
+    (tmp / _STATE).write_text(json.dumps(trainer_state))
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
+    if final.exists():  # a re-run reaching the same step replaces the old one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``trainer_state`` holds step, tokens_seen, losses and data_state."""
+
+    path: Path
+    meta: dict
+    trainer_state: dict
+    optimizer_state: dict | None
+    rng_state: dict | None
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"])
+
+    @property
+    def data_state(self) -> dict | None:
+        return self.trainer_state.get("data_state")
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    load_optimizer: bool = True,
+) -> Checkpoint:
+    """Read checkpoint folder ``path``; load its weights into ``model`` when one is given."""
+    path = Path(path)
+    if not (path / META_NAME).is_file():
+        raise RbridgeError(f"{path} is not a complete checkpoint (no {META_NAME})")
+    if model is not None:
+        safetensors.torch.load_model(_unwrap(model), str(path / _WEIGHTS), device=str(device))
+    optimizer_state = (
+        torch.load(path / _OPTIMIZER, map_location=device, weights_only=True)
+        if load_optimizer
+        else None
+    )
+    # RNG states hold numpy/python tuples, which weights_only loading refuses; our own file
+    rng_state = torch.load(path / _RNG, weights_only=False)
+    return Checkpoint(
+        path=path,
+        meta=json.loads((path / META_NAME).read_text()),
+        trainer_state=json.loads((path / _STATE).read_text()),
+        optimizer_state=optimizer_state,
+        rng_state=rng_state,
+    )
+
+
+def save_final(model: torch.nn.Module, out_dir: str | Path, meta: dict, tokenizer=None) -> Path:
+    """Save ``model`` (+ tokenizer) as a Hugging Face folder ``out_dir/final`` + ``meta.json``."""
+    final = Path(out_dir) / FINAL_DIR
+    tmp = final.with_name(f".tmp_{FINAL_DIR}_{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=next(model.parameters()).is_cuda,
+    )
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch`` [B, T+1]: inputs [:, :-1], targets [:, 1:]."""
+    x, y = batch[:, :-1], batch[:, 1:]  # [B, T] each
+    logits = model(input_ids=x).logits  # [B, T, V]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches, *, device: torch.device | str = "cpu") -> float:
+    """Mean loss over ``batches`` (each [B, T+1]) with the model in eval mode; restores mode."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        with _autocast(device):
+            total += lm_loss(model, batch.to(device)).item()
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise RbridgeError("evaluate_loss got no batches")
+    return total / n
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Iterator[torch.Tensor],
+    cfg: TrainingConfig,
+    out_dir: str | Path,
+    *,
+    data_state: Callable[[], dict] | None = None,
+    load_data_state: Callable[[dict], None] | None = None,
+    resume: bool = False,
+    tokenizer=None,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    stop_at_step: int | None = None,
+    extra_meta: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``batches`` for ``cfg``'s budget; checkpoint, resume, save the result.
+
+    ``batches`` yields int64 tensors [batch_size, seq_len_tokens + 1]; one optimizer step takes
+    ``grad_accum_steps`` of them, pulled lazily, so ``data_state()`` at a checkpoint is the
+    position after exactly the batches consumed so far. On ``resume=True`` the latest checkpoint's
+    weights, optimizer, RNG states, losses and step are restored, and ``load_data_state`` gets
+    the saved data position before any batch is pulled (required when a data position was
+    saved). ``stop_at_step`` stops early (after checkpointing), as a preemption would; the final
+    folder is only written when the whole budget is done. Saving and logging happen on rank 0
+    only; the caller wraps the model in DDP for multi-rank runs.
+
+    Raises RbridgeError on a NaN/inf loss, naming the step; earlier checkpoints stay on disk.
+    """
+    out_dir = Path(out_dir)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    is_main = rank == 0
+    raw_model = _unwrap(model)
+    raw_model.to(device)
+    n_params, non_embedding = count_parameters(raw_model)
+    max_steps = steps_for_budget(cfg, n_params, world_size)
+    if stop_at_step is not None and not 0 <= stop_at_step <= max_steps:
+        raise ConfigError(f"stop_at_step={stop_at_step}: expected 0..{max_steps} (max_steps)")
+    tokens_per_step = cfg.tokens_per_step(world_size)
+    step_flops = flops_per_token(raw_model) * tokens_per_step
+    peak = peak_flops(device)
+
+    optimizer = build_optimizer(raw_model, cfg)
+    step, losses, elapsed_before = 0, [], 0.0
+    if resume and (ckpt_path := latest_checkpoint(out_dir)) is not None:
+        ckpt = load_checkpoint(ckpt_path, raw_model, device=device)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        _set_rng_state(ckpt.rng_state)
+        step, losses = ckpt.step, list(ckpt.trainer_state["losses"])
+        elapsed_before = float(ckpt.trainer_state.get("seconds", 0.0))
+        if ckpt.data_state is not None:
+            if load_data_state is None:
+                raise ConfigError(
+                    f"{ckpt_path} holds a data position but train() got no load_data_state; "
+                    "pass one so the data resumes where the checkpoint stopped"
+                )
+            load_data_state(ckpt.data_state)
+        if is_main:
+            logger.info("resumed from %s at step %d/%d", ckpt_path, step, max_steps)
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+    start_step = step
+
+    model.train()
+    fwd_model = torch.compile(model) if cfg.compile else model
+    last_ckpt: Path | None = latest_checkpoint(out_dir) if resume else None
+    config_json = cfg.model_dump(mode="json")
+
+    def _checkpoint() -> Path:
+        meta = {
+            "step": step,
+            "max_steps": max_steps,
+            "tokens_seen": step * tokens_per_step,
+            "loss": losses[-1] if losses else None,
+            "train_flops": step * step_flops,
+            "training_config": config_json,
+            "model_config": raw_model.config.to_dict() if hasattr(raw_model, "config") else None,
+            **(extra_meta or {}),
+        }
+        trainer_state = {
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "losses": losses,
+            "seconds": elapsed_before + (time.perf_counter() - t0),
+            "data_state": data_state() if data_state is not None else None,
+        }
+        return save_checkpoint(
+            out_dir,
+            step=step,
+            model=raw_model,
+            optimizer=optimizer,
+            trainer_state=trainer_state,
+            meta=meta,
+            keep_last=cfg.keep_last_checkpoints,
+        )
+
+    t0 = time.perf_counter()
+    timed_tokens, timed_seconds = 0, 0.0
+    while True:
+        last = step == max_steps
+        stopping = last or (stop_at_step is not None and step >= stop_at_step)
+        # (eval is the caller's job: score the final folder or a checkpoint)
+        # save: every K steps, and wherever the loop stops, so a stop is always resumable
+        periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
+        if is_main and step > start_step and (stopping or periodic):
+            last_ckpt = _checkpoint()
+        if stopping:
+            break
+
+        # forward/backward over grad_accum_steps micro-batches
+        t_step = time.perf_counter()
+        lr = lr_at(step, cfg, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(batches).to(device, non_blocking=True)
+            with _autocast(device):
+                loss = lm_loss(fwd_model, batch)
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        step_loss = (loss_sum / cfg.grad_accum_steps).item()  # sync point: one per step
+        if not math.isfinite(step_loss):
+            kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
+            raise RbridgeError(
+                f"loss is {step_loss} at step {step + 1}/{max_steps} (lr {lr:.3g}); "
+                f"lower training.lr or raise warmup_steps{kept}"
+            )
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        step += 1
+
+        # log
+        dt = time.perf_counter() - t_step
+        if step - start_step > 1:  # the first step pays compile / warmup costs
+            timed_tokens += tokens_per_step
+            timed_seconds += dt
+        if is_main and (step % cfg.log_every_steps == 0 or step == max_steps):
+            tok_s = tokens_per_step / max(dt, 1e-9)
+            eta = (max_steps - step) * dt
+            logger.info(
+                "step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | eta %.0fs",
+                step,
+                max_steps,
+                step_loss,
+                lr,
+                tok_s,
+                eta,
+            )
+
+    if timed_seconds == 0.0:  # a single step: time it anyway
+        timed_tokens, timed_seconds = (
+            (step - start_step) * tokens_per_step,
+            max(time.perf_counter() - t0, 1e-9),
+        )
+    tok_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else 0.0
+    mfu = None if peak is None else step_flops / tokens_per_step * tok_per_s / (peak * world_size)
+    tokens_seen = step * tokens_per_step
+    train_flops = float(step * step_flops)
+
+    final_dir = None
+    if is_main and step == max_steps:
+        meta = {
+            "train_tokens": tokens_seen,
+            "train_flops": train_flops,
+            "steps": step,
+            "params": n_params,
+            "non_embedding_params": non_embedding,
+            "final_loss": losses[-1] if losses else None,
+            "tokens_per_second": tok_per_s,
+            "mfu": mfu,
+            "training_config": config_json,
+            **(extra_meta or {}),
+        }
+        final_dir = save_final(raw_model, out_dir, meta, tokenizer)
+        logger.info("saved %s (%d tokens, %.3g FLOPs)", final_dir, tokens_seen, train_flops)
+
+    return TrainResult(
+        steps=step,
+        tokens_seen=tokens_seen,
+        losses=losses,
+        tokens_per_second=tok_per_s,
+        train_flops=train_flops,
+        mfu=mfu,
+        n_params=n_params,
+        non_embedding_params=non_embedding,
+        final_dir=final_dir,
+        last_checkpoint=last_ckpt,
+    )
