@@ -143,6 +143,44 @@ def _print_headline(scores) -> None:
     Console().print(table)
 
 
+@app.command()
+@_clear_errors
+def train(
+    corpus: list[str] = typer.Option(..., help="Corpus file or folder (local or s3://); repeat."),
+    tokenizer: Path = typer.Option(..., help="tokenizer.json, HF tokenizer folder or .model."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints/ and final/ (the HF model)."),
+    preset: str = typer.Option("tiny", help="Model preset (tiny, 4M, 20M, ... 1B)."),
+    tokens: int = typer.Option(None, help="Token budget [default: the config's or 20/param]."),
+    name: str = typer.Option(None, help="Corpus name [default: the first path's name]."),
+    text_field: str = typer.Option("text", help="Text column/field of Parquet and JSONL files."),
+    config: Path = typer.Option(None, help="YAML file with TrainingConfig fields."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    repeat: bool = typer.Option(False, help="Repeat the corpus if it is smaller than the budget."),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+):
+    """Train a proxy on one corpus; the model lands in OUT/final for `rbridge score`."""
+    from rbridge_core.corpora import CorpusSpec
+    from rbridge_core.models import model_preset
+    from rbridge_core.proxy import train_proxy
+    from rbridge_core.training import TrainingConfig
+
+    _quiet_libraries()
+    logging.getLogger("rbridge_core").setLevel(logging.INFO)
+    overrides = {"train_tokens": tokens} if tokens is not None else {}
+    if config is None and tokens is None:
+        overrides = {"tokens_per_param": 20.0}
+    cfg = _load_config(TrainingConfig, config, overrides)
+    spec = CorpusSpec(name or Path(corpus[0]).stem, tuple(corpus), text_field=text_field)
+    result = train_proxy(
+        spec, tokenizer, model_preset(preset), cfg, out, resume=resume, repeat=repeat, device=device
+    )
+    console.print(
+        f"trained {preset} ({result.n_params:,} params) on {spec.name}: {result.tokens_seen:,} "
+        f"tokens, final loss {result.final_loss:.4f}, {result.tokens_per_second:,.0f} tok/s; "
+        f"model in {result.final_dir}"
+    )
+
+
 @traces_app.command("build")
 @_clear_errors
 def traces_build(

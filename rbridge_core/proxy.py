@@ -1,0 +1,120 @@
+"""Train one proxy on one corpus: corpus stream -> batches -> training loop -> HF model folder.
+
+The glue the CLI (and later the Prefect tasks) call; the science lives in ``corpora``,
+``models`` and ``training``.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rbridge_core.corpora import CorpusSpec, iter_token_blocks, shuffled_blocks
+from rbridge_core.models import ModelConfig, build_model, count_parameters
+from rbridge_core.tokenizer import load_tokenizer
+from rbridge_core.training import TrainingConfig, TrainResult, steps_for_budget, train
+
+
+@dataclass
+class CorpusBatches:
+    """Resumable batches [batch_size, seq_len + 1] (int64) from a corpus stream.
+
+    The position is the number of batches handed out; resuming re-streams the corpus with the
+    same seed and skips that many batches, so the next batch is exactly the one an
+    uninterrupted run would have seen (re-tokenizing the skipped part costs time, not state).
+    """
+
+    spec: CorpusSpec
+    tokenizer: object
+    seq_len: int
+    batch_size: int
+    seed: int
+    max_batches: int
+    shuffle_buffer: int = 1024
+    repeat: bool = False
+    rank: int = 0
+    world_size: int = 1
+    consumed: int = 0
+
+    def state_dict(self) -> dict:
+        return {"batches": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["batches"])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        blocks = iter_token_blocks(
+            self.spec,
+            self.tokenizer,
+            self.seq_len,
+            rank=self.rank,
+            world_size=self.world_size,
+            max_blocks=self.max_batches * self.batch_size,
+            repeat=self.repeat,
+        )
+        blocks = shuffled_blocks(blocks, self.shuffle_buffer, self.seed)
+        skip = self.consumed
+        rows: list[np.ndarray] = []
+        for block in blocks:
+            rows.append(block)
+            if len(rows) < self.batch_size:
+                continue
+            batch, rows = np.stack(rows), []
+            if skip:
+                skip -= 1
+                continue
+            self.consumed += 1
+            yield torch.from_numpy(batch.astype(np.int64))
+
+
+def train_proxy(
+    corpus: CorpusSpec,
+    tokenizer_path: str | Path,
+    model_cfg: ModelConfig,
+    training_cfg: TrainingConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    repeat: bool = False,
+    device: str | None = None,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train a proxy on ``corpus``; the model lands in ``out_dir/final`` (HF folder + meta.json)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(tokenizer_path)
+    token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if tokenizer.bos_token_id is not None:
+        token_ids["bos_token_id"] = tokenizer.bos_token_id
+    model = build_model(model_cfg, len(tokenizer), seed=training_cfg.seed, **token_ids)
+    n_params, _ = count_parameters(model)
+    micro_batches = steps_for_budget(training_cfg, n_params) * training_cfg.grad_accum_steps
+    batches = CorpusBatches(
+        corpus,
+        tokenizer,
+        training_cfg.seq_len_tokens,
+        training_cfg.batch_size,
+        training_cfg.seed,
+        max_batches=micro_batches,
+        repeat=repeat,
+    )
+    return train(
+        model,
+        iter(_lazy(batches)),
+        training_cfg,
+        out_dir,
+        data_state=batches.state_dict,
+        load_data_state=batches.load_state_dict,
+        resume=resume,
+        tokenizer=tokenizer,
+        device=device,
+        stop_at_step=stop_at_step,
+        extra_meta={"corpus": corpus.name, "corpus_paths": list(corpus.paths)},
+    )
+
+
+def _lazy(batches: CorpusBatches) -> Iterator[torch.Tensor]:
+    """Start streaming only when the first batch is pulled: after a resume restored the
+    position, not before."""
+    yield from batches
