@@ -31,6 +31,7 @@ from rbridge_core import alignment, metrics, schemas
 from rbridge_core.config import ScoringConfig
 from rbridge_core.errors import ModelLoadError, RbridgeError
 from rbridge_core.metrics import TokenStats
+from rbridge_core.models import count_parameters
 from rbridge_core.templates import template_for
 from rbridge_core.traces import Trace
 
@@ -186,11 +187,6 @@ def supports_prefix_sharing(model) -> bool:
     return np.allclose(t_packed.nll, t_alone.nll, atol=1e-4) and np.allclose(
         a_packed.nll, a_alone.nll, atol=1e-4
     )
-
-
-def count_parameters(model) -> int:
-    """Total parameters, tied weights counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,7 +723,7 @@ def score_traces(
     rows = item_metric_values(traces, sequences, stats, config)
     item_scores = item_scores_table(traces, rows, corpus, checkpoint)
     scores = benchmark_scores(
-        item_scores, config, count_parameters(model), train_tokens, train_flops
+        item_scores, config, count_parameters(model)[0], train_tokens, train_flops
     )
     n_scored = sum(s.n_scored for s in sequences if s.kind == "trace")
     seconds = time.perf_counter() - start
