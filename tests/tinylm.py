@@ -1,16 +1,17 @@
 """Tiny real causal LMs for tests and benchmarks, trained in seconds on a laptop CPU.
 
 Not a test module: tests import it as ``from tinylm import ...`` (tests/ is on ``sys.path``), and
-the benches under ``bench/`` put tests/ on the path themselves.
+the benches under ``bench/`` put tests/ on the path themselves. Everything here goes through the
+library (``rbridge_core.tokenizer``, ``models``, ``training``); this module only picks tiny
+shapes and feeds in-memory text.
 
 - ``tok512_tokenizer()``: the 512-token sentencepiece BPE of TinyStories as a fast tokenizer.
 - ``neox_tokenizer()``: the 50,280-token GPT-NeoX (OLMo-1) vocabulary as a fast tokenizer.
-- ``train_tiny_lm(texts, out_dir, steps=...)``: a Llama trained from scratch on ``texts``, saved
-  with ``save_pretrained`` (safetensors) beside its tokenizer; ``read_train_log(out_dir)`` gives
-  its losses.
+- ``train_tiny_lm(texts, out_dir, steps=...)``: a Llama trained from scratch on ``texts`` by
+  ``rbridge_core.training.train``, saved as a Hugging Face folder beside its tokenizer;
+  ``read_train_log(out_dir)`` gives its losses.
 - ``random_tiny_lm(out_dir, tokenizer, hidden=..., layers=...)``: an untrained Llama of any shape.
 
-Both model directories reload with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
 The data lives in ``../shared/data`` beside the repository (``shared_data_dir()``).
 """
 
@@ -18,17 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
 
-logger = logging.getLogger(__name__)
+from rbridge_core.models import ModelConfig, build_model, count_parameters
+from rbridge_core.tokenizer import load_tokenizer
+from rbridge_core.training import TrainingConfig, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_LOG_NAME = "train_log.json"
@@ -50,26 +50,14 @@ def _require_shared_file(relative: str) -> Path:
     return data / relative
 
 
-# Kept alive for the whole process: the tokenizer remembers the directory it was loaded from.
-_TOKENIZER_DIRS: list[tempfile.TemporaryDirectory] = []
-
-
 @functools.lru_cache(maxsize=1)
 def tok512_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """The TinyStories tok512 sentencepiece BPE (512 ids, byte fallback) as a fast tokenizer.
 
-    bos ``<s>`` = 1, eos ``</s>`` = 2, pad = eos (the model has no pad token), no BOS/EOS added by
-    default. Cached: every caller gets the same object, so do not mutate it.
+    bos ``<s>`` = 1, eos ``</s>`` = 2, pad = eos, no BOS/EOS added by default. Cached: every
+    caller gets the same object, so do not mutate it.
     """
-    model_file = _require_shared_file("tokenizers/tinystories_tok512/tok512.model")
-    tmp = tempfile.TemporaryDirectory(prefix="tok512_")
-    _TOKENIZER_DIRS.append(tmp)
-    shutil.copyfile(model_file, Path(tmp.name) / "tokenizer.model")
-    tokenizer = transformers.LlamaTokenizer.from_pretrained(tmp.name)
-    if not tokenizer.is_fast:
-        raise RuntimeError(f"expected a fast tokenizer from {model_file}, got {type(tokenizer)}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(_require_shared_file("tokenizers/tinystories_tok512/tok512.model"))
     _check_special_tokens(tokenizer, expected_vocab=512)
     return tokenizer
 
@@ -78,8 +66,7 @@ def tok512_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def neox_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """The GPT-NeoX vocabulary used by OLMo-1 / DataDecide (50,280 ids), as a fast tokenizer.
 
-    eos ``<|endoftext|>`` = 50279 (also used as bos), pad ``<|padding|>`` = 1.
-    Cached: do not mutate.
+    eos ``<|endoftext|>`` = 50279 (also used as bos), pad ``<|padding|>`` = 1. Cached.
     """
     tokenizer_file = _require_shared_file("tokenizers/gpt_neox_olmo/tokenizer.json")
     tokenizer = transformers.PreTrainedTokenizerFast(
@@ -100,42 +87,28 @@ def _check_special_tokens(tokenizer, expected_vocab: int) -> None:
             raise RuntimeError(f"tokenizer {type(tokenizer).__name__} has no {name}")
 
 
-def tiny_llama_config(
-    tokenizer,
-    *,
-    hidden: int,
-    layers: int,
-    heads: int,
-    intermediate: int | None = None,
-    max_position_embeddings: int = 1024,
-    vocab_size: int | None = None,
-) -> transformers.LlamaConfig:
-    """A Llama config over ``tokenizer``'s vocabulary with tied input/output embeddings."""
-    if hidden % heads != 0:
-        raise ValueError(f"hidden={hidden} is not divisible by heads={heads}")
-    vocab = len(tokenizer) if vocab_size is None else vocab_size
-    if vocab < len(tokenizer):
-        raise ValueError(f"vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)})")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return transformers.LlamaConfig(
-        vocab_size=vocab,
+def n_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return count_parameters(model)[0]
+
+
+def _tiny_model(tokenizer, *, hidden, layers, heads, intermediate, max_positions, vocab, seed):
+    shape = ModelConfig(
         hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
         intermediate_size=4 * hidden if intermediate is None else intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
+        max_position_embeddings=max_positions,
+    )
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return build_model(
+        shape,
+        len(tokenizer) if vocab is None else vocab,
+        seed=seed,
         bos_token_id=bos,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-
-
-def n_params(model: torch.nn.Module) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_tiny_lm(
@@ -152,29 +125,14 @@ def random_tiny_lm(
 ) -> Path:
     """Save an untrained (random-init) Llama with ``tokenizer`` beside it; return the dir."""
     out = Path(out_dir)
-    config = tiny_llama_config(
-        tokenizer,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        intermediate=intermediate,
-        max_position_embeddings=max_position_embeddings,
-        vocab_size=vocab_size,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    _save(model, tokenizer, out)
+    model = _tiny_model(
+        tokenizer, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
+        max_positions=max_position_embeddings, vocab=vocab_size, seed=seed,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
     return out
-
-
-def lr_at(step: int, *, max_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warmup to ``peak_lr`` over ``warmup_steps``, then cosine decay to 10 % at the end."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    min_lr = 0.1 * peak_lr
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def pack_tokens(texts: list[str], tokenizer, *, n_tokens: int | None = None) -> torch.Tensor:
@@ -226,91 +184,56 @@ def train_tiny_lm(
     tokenizer=None,
     log_every: int = 50,
 ) -> Path:
-    """Train a tiny Llama on ``texts`` from scratch and save it (with its tokenizer) to ``out_dir``.
+    """Train a tiny Llama on ``texts`` from scratch with ``rbridge_core.training.train``.
 
-    The documents are joined with EOS into one stream, which is cut to exactly
-    ``steps * batch_size * seq_len`` tokens (repeated in epochs if the texts are shorter), so two
+    The documents are joined with EOS into one stream cut into rows of ``seq_len + 1`` tokens
+    (inputs and next-token targets), at most ``steps * batch_size`` distinct rows, drawn in a
+    seeded random order (a fresh permutation each epoch when the texts are shorter), so two
     models trained with the same arguments on different corpora see the same number of tokens.
-    Rows of ``seq_len`` tokens are drawn in a seeded random order. AdamW, linear warmup then cosine
-    decay, gradient clipping at 1.0. Deterministic for a given seed on one machine.
-
-    ``tokenizer`` defaults to ``tok512_tokenizer()``. Writes ``train_log.json`` (per-step losses,
-    tokens, seconds) beside the weights; see ``read_train_log``. Returns ``Path(out_dir)``.
+    ``tokenizer`` defaults to ``tok512_tokenizer()``. Saves the Hugging Face folder (with its
+    tokenizer) to ``out_dir`` and a ``train_log.json`` (see ``read_train_log``).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one optimizer step")
     tokenizer = tok512_tokenizer() if tokenizer is None else tokenizer
     out = Path(out_dir)
-    train_tokens = steps * batch_size * seq_len
-    warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
-
-    stream = pack_tokens(texts, tokenizer, n_tokens=train_tokens)
-    n_rows = len(stream) // seq_len
+    row_len = seq_len + 1
+    stream = pack_tokens(texts, tokenizer, n_tokens=steps * batch_size * row_len)
+    n_rows = len(stream) // row_len
     if n_rows < batch_size:
         raise ValueError(
             f"texts give {len(stream)} tokens, fewer than one batch "
-            f"({batch_size} rows x {seq_len} tokens); pass more text or a smaller batch"
+            f"({batch_size} rows x {row_len} tokens); pass more text or a smaller batch"
         )
-    rows = stream[: n_rows * seq_len].view(n_rows, seq_len)  # [n_rows, seq_len]
-    batches = _batch_rows(n_rows, steps=steps, batch_size=batch_size, seed=seed)
-
-    torch.manual_seed(seed)
-    config = tiny_llama_config(
-        tokenizer,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        max_position_embeddings=max(max_position_embeddings, seq_len),
-    )
-    model = transformers.LlamaForCausalLM(config)
-    model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+    rows = stream[: n_rows * row_len].view(n_rows, row_len)  # [n_rows, seq_len + 1]
+    order = _batch_rows(n_rows, steps=steps, batch_size=batch_size, seed=seed)
+    cfg = TrainingConfig(
+        max_steps=steps,
+        seq_len_tokens=seq_len,
+        batch_size=batch_size,
         lr=lr,
-        betas=(0.9, 0.95),
+        warmup_steps=max(1, steps // 10) if warmup_steps is None else warmup_steps,
+        weight_decay=weight_decay,
+        seed=seed,
+        log_every_steps=log_every,
     )
-
-    losses: list[float] = []
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_steps=steps, warmup_steps=warmup, peak_lr=lr)
-        x = rows[batches[step]]  # [batch_size, seq_len]; labels are shifted inside the model
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - start
-            tok_s = (step + 1) * batch_size * seq_len / max(elapsed, 1e-9)
-            logger.info(
-                "step %d/%d | loss %.4f | lr %.2e | %.0f tok/s",
-                step + 1,
-                steps,
-                losses[-1],
-                optimizer.param_groups[0]["lr"],
-                tok_s,
-            )
-
-    model.eval()
-    _save(model, tokenizer, out)
+    model = _tiny_model(
+        tokenizer, hidden=hidden, layers=layers, heads=heads, intermediate=None,
+        max_positions=max(max_position_embeddings, row_len), vocab=None, seed=seed,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="tinylm_run_") as run_dir:
+        result = train(model, (rows[i] for i in order), cfg, run_dir, tokenizer=tokenizer)
+        shutil.copytree(result.final_dir, out, dirs_exist_ok=True)
     log = {
         "steps": steps,
         "seq_len": seq_len,
         "batch_size": batch_size,
         "seed": seed,
-        "train_tokens": train_tokens,
-        "distinct_tokens": int(n_rows * seq_len),
-        "n_params": n_params(model),
-        "seconds": time.perf_counter() - start,
-        "losses": losses,
+        "train_tokens": result.tokens_seen,
+        "distinct_tokens": min(n_rows, steps * batch_size) * seq_len,
+        "n_params": result.n_params,
+        "seconds": result.tokens_seen / result.tokens_per_second,
+        "losses": result.losses,
     }
     (out / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=1))
     return out
@@ -319,9 +242,3 @@ def train_tiny_lm(
 def read_train_log(model_dir: str | Path) -> dict:
     """The ``train_log.json`` that ``train_tiny_lm`` wrote into ``model_dir``."""
     return json.loads((Path(model_dir) / TRAIN_LOG_NAME).read_text())
-
-
-def _save(model: transformers.PreTrainedModel, tokenizer, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
