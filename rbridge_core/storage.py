@@ -7,6 +7,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -15,26 +16,38 @@ def join(base: str | Path, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
 
 
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> str:
-    """Write ``table`` so that readers never see a half-written file.
+def write_bytes_atomic(path: str | Path, payload: bytes) -> str:
+    """Write ``payload`` so that readers never see a half-written file.
 
     Locally: write a temporary sibling, then rename over the target (atomic on POSIX). On object
-    stores a single PUT is already atomic: an object appears whole or not at all.
+    stores a single PUT is already atomic (an object appears whole or not at all) and a rename
+    is a copy, so the payload is written in place.
     """
     path = str(path)
     fs, fs_path = fsspec.core.url_to_fs(path)
-    parent = fs._parent(fs_path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if "://" in path and not path.startswith("file://"):
+    if not isinstance(fs, LocalFileSystem):
         with fs.open(fs_path, "wb") as f:
-            pq.write_table(table, f)
+            f.write(payload)
         return path
-    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    tmp_path = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, fs_path)
+        with open(tmp_path, "wb") as f:
+            f.write(payload)
+        os.replace(tmp_path, fs_path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
     return path
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """``table`` serialised as a Parquet file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet_atomic(table: pa.Table, path: str | Path) -> str:
+    """Write ``table`` as Parquet at ``path`` atomically (see ``write_bytes_atomic``)."""
+    return write_bytes_atomic(path, parquet_bytes(table))

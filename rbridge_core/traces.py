@@ -16,7 +16,6 @@ import gzip
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from rbridge_core.errors import TracesError
+from rbridge_core.storage import parquet_bytes, write_bytes_atomic
 
 REQUIRED_COLUMNS = ("benchmark", "item_id", "prompt", "trace")
 OPTIONAL_COLUMNS = ("answer", "frontier_tokens", "frontier_logprobs", "mask_spans")
@@ -113,18 +112,12 @@ def write_traces(traces: Iterable[Trace], path: str | Path) -> None:
     fmt = _format_of(path)
     table = traces_to_table(traces)
     validate_table(table, source=path)
-    payload = _parquet_bytes(table) if fmt == "parquet" else _jsonl_bytes(table, path)
-    _write_atomically(path, payload)
+    payload = parquet_bytes(table) if fmt == "parquet" else _jsonl_bytes(table, path)
+    write_bytes_atomic(path, payload)
 
 
 def _list_or_none(values: Sequence[Any] | None) -> list[Any] | None:
     return None if values is None else list(values)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
 
 
 def _jsonl_bytes(table: pa.Table, path: str) -> bytes:
@@ -137,28 +130,6 @@ def _jsonl_bytes(table: pa.Table, path: str) -> bytes:
         # mtime=0 keeps the bytes (and so any content fingerprint) independent of the clock.
         return gzip.compress(text, mtime=0)
     return text
-
-
-def _write_atomically(path: str, payload: bytes) -> None:
-    """Locally: write a temporary sibling, then rename over the target (atomic on POSIX).
-
-    On object stores a single PUT is already atomic (an object appears whole or not at all), and
-    a rename there is a copy, so the payload is written in place.
-    """
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not isinstance(fs, LocalFileSystem):
-        with fs.open(fs_path, "wb") as f:
-            f.write(payload)
-        return
-    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-    tmp_path = f"{fs_path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp_path, "wb") as f:
-            f.write(payload)
-        os.replace(tmp_path, fs_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
