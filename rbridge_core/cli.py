@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from rbridge_core.errors import RbridgeError
@@ -148,7 +154,7 @@ def _print_headline(scores) -> None:
 def train(
     corpus: list[str] = typer.Option(..., help="Corpus file or folder (local or s3://); repeat."),
     tokenizer: Path = typer.Option(..., help="tokenizer.json, HF tokenizer folder or .model."),
-    out: Path = typer.Option(..., help="Run folder: checkpoints/ and final/ (the HF model)."),
+    out: str = typer.Option(..., help="Run folder (local or s3://): checkpoints/ and final/."),
     preset: str = typer.Option("tiny", help="Model preset (tiny, 4M, 20M, ... 1B)."),
     tokens: int = typer.Option(None, help="Token budget [default: the config's or 20/param]."),
     name: str = typer.Option(None, help="Corpus name [default: the first path's name]."),
@@ -158,26 +164,71 @@ def train(
     repeat: bool = typer.Option(False, help="Repeat the corpus if it is smaller than the budget."),
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
 ):
-    """Train a proxy on one corpus; the model lands in OUT/final for `rbridge score`."""
+    """Train a proxy on one corpus; the model lands in OUT/final for `rbridge score`.
+
+    Several GPUs of one node: `torchrun --nproc_per_node N $(which rbridge) train ...` (DDP,
+    the corpus sharded by rank).
+    """
+    import os
+
     from rbridge_core.corpora import CorpusSpec
     from rbridge_core.models import model_preset
-    from rbridge_core.proxy import train_proxy
+    from rbridge_core.proxy import Distributed, train_proxy
     from rbridge_core.training import TrainingConfig
 
     _quiet_libraries()
-    logging.getLogger("rbridge_core").setLevel(logging.INFO)
+    dist = Distributed.from_env(os.environ)
     overrides = {"train_tokens": tokens} if tokens is not None else {}
     if config is None and tokens is None:
         overrides = {"tokens_per_param": 20.0}
     cfg = _load_config(TrainingConfig, config, overrides)
     spec = CorpusSpec(name or Path(corpus[0]).stem, tuple(corpus), text_field=text_field)
-    result = train_proxy(
-        spec, tokenizer, model_preset(preset), cfg, out, resume=resume, repeat=repeat, device=device
-    )
-    console.print(
-        f"trained {preset} ({result.n_params:,} params) on {spec.name}: {result.tokens_seen:,} "
-        f"tokens, final loss {result.final_loss:.4f}, {result.tokens_per_second:,.0f} tok/s; "
-        f"model in {result.final_dir}"
+    show = dist.rank == 0
+    with _step_progress(disable=not show) as progress:
+        task = progress.add_task(
+            f"training {preset} on {spec.name}", total=None, loss=float("nan"), tok_s=0.0
+        )
+
+        def on_step(report) -> None:
+            progress.update(
+                task,
+                completed=report.step,
+                total=report.max_steps,
+                loss=report.loss,
+                tok_s=report.tokens_per_second,
+            )
+
+        result = train_proxy(
+            spec,
+            tokenizer,
+            model_preset(preset),
+            cfg,
+            out,
+            resume=resume,
+            repeat=repeat,
+            device=device,
+            dist=dist,
+            on_step=on_step,
+        )
+    if show:
+        console.print(
+            f"trained {preset} ({result.n_params:,} params) on {spec.name}: "
+            f"{result.tokens_seen:,} tokens, final loss {result.final_loss:.4f}, "
+            f"{result.tokens_per_second:,.0f} tok/s; model in {result.final_dir}"
+        )
+
+
+def _step_progress(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} | {task.fields[tok_s]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
     )
 
 

@@ -377,9 +377,10 @@ def _pack(
         if not repeat:
             budget = max_blocks * world_size * block
             raise CorpusError(
-                f"corpus {spec.name!r} has {epoch_tokens} tokens, fewer than the budget "
-                f"{budget} ({max_blocks} blocks x {world_size} ranks x {block} tokens); "
-                "set repeat=True to train on it for several epochs, or lower the token budget"
+                f"corpus {spec.name!r} ({', '.join(spec.paths)}) has {epoch_tokens} tokens, "
+                f"fewer than the budget {budget} ({max_blocks} blocks x {world_size} ranks x "
+                f"{block} tokens) and does not repeat; allow epochs (repeat: true, "
+                "`rbridge train --repeat`) or lower the token budget"
             )
         epoch += 1
         logger.warning(

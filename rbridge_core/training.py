@@ -4,7 +4,8 @@
 batches of ``[batch_size, seq_len_tokens + 1]`` int64 token rows (inputs ``[:, :-1]``, targets
 ``[:, 1:]``). Every ``checkpoint_every_steps`` optimizer steps, and at the end, it writes
 ``out_dir/checkpoints/step_{k:07d}/`` (weights as safetensors, optimizer, step, RNG states, data
-position, readable ``meta.json``) through a temporary folder and a rename, keeping the last few.
+position, readable ``meta.json``; see ``checkpoints``), locally or on an object store, keeping the
+last few.
 ``train(..., resume=True)`` restores all of that from the latest checkpoint and continues exactly
 where it stopped. The trained model is saved as a Hugging Face folder ``out_dir/final`` with a
 ``meta.json`` holding ``train_tokens`` and ``train_flops`` (read by the scoring engine).
@@ -14,34 +15,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rbridge_core.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+    set_rng_state,
+    unwrap,
+)
 from rbridge_core.errors import ConfigError, RbridgeError
 from rbridge_core.models import count_parameters
+from rbridge_core.storage import is_url
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-META_NAME = "meta.json"
-_WEIGHTS = "model.safetensors"
-_OPTIMIZER = "optimizer.pt"
-_RNG = "rng.pt"
-_STATE = "trainer_state.json"
 
 # Dense bf16 peak FLOP/s per GPU, matched by substring of torch.cuda.get_device_name() (first hit).
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -182,158 +182,12 @@ class TrainResult:
     mfu: float | None
     n_params: int
     non_embedding_params: int
-    final_dir: Path | None
-    last_checkpoint: Path | None
+    final_dir: Path | str | None
+    last_checkpoint: Path | str | None
 
     @property
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS_DIR / f"step_{step:07d}"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first (temporaries ignored)."""
-    root = Path(out_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
-    return sorted((p for p in found if (p / META_NAME).is_file()), key=lambda p: p.name)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    out_dir: str | Path,
-    *,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict,
-    meta: dict,
-    keep_last: int,
-) -> Path:
-    """Write checkpoint ``step`` atomically (temporary folder, then rename); keep the last k."""
-    final = checkpoint_dir(out_dir, step)
-    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    # save_model handles tied (shared) tensors, which safetensors' save_file refuses
-    safetensors.torch.save_model(_unwrap(model), str(tmp / _WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / _OPTIMIZER)
-    torch.save(_rng_state(), tmp / _RNG)
-    (tmp / _STATE).write_text(json.dumps(trainer_state))
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
-    if final.exists():  # a re-run reaching the same step replaces the old one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A loaded checkpoint: ``trainer_state`` holds step, tokens_seen, losses and data_state."""
-
-    path: Path
-    meta: dict
-    trainer_state: dict
-    optimizer_state: dict | None
-    rng_state: dict | None
-
-    @property
-    def step(self) -> int:
-        return int(self.trainer_state["step"])
-
-    @property
-    def data_state(self) -> dict | None:
-        return self.trainer_state.get("data_state")
-
-
-def load_checkpoint(
-    path: str | Path,
-    model: torch.nn.Module | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    load_optimizer: bool = True,
-) -> Checkpoint:
-    """Read checkpoint folder ``path``; load its weights into ``model`` when one is given."""
-    path = Path(path)
-    if not (path / META_NAME).is_file():
-        raise RbridgeError(f"{path} is not a complete checkpoint (no {META_NAME})")
-    if model is not None:
-        safetensors.torch.load_model(_unwrap(model), str(path / _WEIGHTS), device=str(device))
-    optimizer_state = (
-        torch.load(path / _OPTIMIZER, map_location=device, weights_only=True)
-        if load_optimizer
-        else None
-    )
-    # RNG states hold numpy/python tuples, which weights_only loading refuses; our own file
-    rng_state = torch.load(path / _RNG, weights_only=False)
-    return Checkpoint(
-        path=path,
-        meta=json.loads((path / META_NAME).read_text()),
-        trainer_state=json.loads((path / _STATE).read_text()),
-        optimizer_state=optimizer_state,
-        rng_state=rng_state,
-    )
-
-
-def save_final(model: torch.nn.Module, out_dir: str | Path, meta: dict, tokenizer=None) -> Path:
-    """Save ``model`` (+ tokenizer) as a Hugging Face folder ``out_dir/final`` + ``meta.json``."""
-    final = Path(out_dir) / FINAL_DIR
-    tmp = final.with_name(f".tmp_{FINAL_DIR}_{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -386,6 +240,28 @@ def evaluate_loss(model: torch.nn.Module, batches, *, device: torch.device | str
     return total / n
 
 
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What ``train``'s ``on_step`` callback receives after every optimizer step (rank 0)."""
+
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens_per_second: float
+
+
+def _all_ranks_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+    return value
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterator[torch.Tensor],
@@ -401,6 +277,8 @@ def train(
     world_size: int = 1,
     stop_at_step: int | None = None,
     extra_meta: dict | None = None,
+    work_dir: str | Path | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``batches`` for ``cfg``'s budget; checkpoint, resume, save the result.
 
@@ -410,17 +288,23 @@ def train(
     weights, optimizer, RNG states, losses and step are restored, and ``load_data_state`` gets
     the saved data position before any batch is pulled (required when a data position was
     saved). ``stop_at_step`` stops early (after checkpointing), as a preemption would; the final
-    folder is only written when the whole budget is done. Saving and logging happen on rank 0
-    only; the caller wraps the model in DDP for multi-rank runs.
+    folder is only written when the whole budget is done.
 
-    Raises RbridgeError on a NaN/inf loss, naming the step; earlier checkpoints stay on disk.
+    ``out_dir`` is a local folder or an object-store URL (``s3://...``); for a URL, checkpoints
+    and the final model are built under ``work_dir`` (default: a temporary folder, removed at
+    the end) and uploaded. ``on_step`` gets a ``StepReport`` after every step (progress bars).
+
+    Multi-rank (DDP): the caller initialises the process group, wraps the model in
+    ``DistributedDataParallel`` and gives each rank its own shard of ``batches``; gradients are
+    all-reduced once per optimizer step (``no_sync`` during accumulation), the logged loss is
+    the mean over ranks, and rank 0 alone saves and logs, while every rank resumes from the same
+    checkpoint. Raises RbridgeError on a NaN/inf loss, naming the step; earlier checkpoints stay.
     """
-    out_dir = Path(out_dir)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     is_main = rank == 0
-    raw_model = _unwrap(model)
+    raw_model = unwrap(model)
     raw_model.to(device)
     n_params, non_embedding = count_parameters(raw_model)
     max_steps = steps_for_budget(cfg, n_params, world_size)
@@ -429,13 +313,18 @@ def train(
     tokens_per_step = cfg.tokens_per_step(world_size)
     step_flops = flops_per_token(raw_model) * tokens_per_step
     peak = peak_flops(device)
+    staging = None
+    if is_url(out_dir):
+        staging = Path(work_dir or tempfile.mkdtemp(prefix="rbridge-train-"))
+    else:
+        out_dir = Path(out_dir)
 
     optimizer = build_optimizer(raw_model, cfg)
     step, losses, elapsed_before = 0, [], 0.0
     if resume and (ckpt_path := latest_checkpoint(out_dir)) is not None:
         ckpt = load_checkpoint(ckpt_path, raw_model, device=device)
         optimizer.load_state_dict(ckpt.optimizer_state)
-        _set_rng_state(ckpt.rng_state)
+        set_rng_state(ckpt.rng_state)
         step, losses = ckpt.step, list(ckpt.trainer_state["losses"])
         elapsed_before = float(ckpt.trainer_state.get("seconds", 0.0))
         if ckpt.data_state is not None:
@@ -452,19 +341,22 @@ def train(
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
     start_step = step
+    _barrier(world_size)  # every rank has read the checkpoint before rank 0 may prune it
 
     model.train()
     fwd_model = torch.compile(model) if cfg.compile else model
-    last_ckpt: Path | None = latest_checkpoint(out_dir) if resume else None
+    last_ckpt = latest_checkpoint(out_dir) if resume else None
     config_json = cfg.model_dump(mode="json")
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
-    def _checkpoint() -> Path:
+    def _checkpoint() -> Path | str:
         meta = {
             "step": step,
             "max_steps": max_steps,
             "tokens_seen": step * tokens_per_step,
             "loss": losses[-1] if losses else None,
             "train_flops": step * step_flops,
+            "world_size": world_size,
             "training_config": config_json,
             "model_config": raw_model.config.to_dict() if hasattr(raw_model, "config") else None,
             **(extra_meta or {}),
@@ -474,6 +366,7 @@ def train(
             "tokens_seen": step * tokens_per_step,
             "losses": losses,
             "seconds": elapsed_before + (time.perf_counter() - t0),
+            # ranks consume equal numbers of batches, so rank 0's position is every rank's
             "data_state": data_state() if data_state is not None else None,
         }
         return save_checkpoint(
@@ -484,6 +377,7 @@ def train(
             trainer_state=trainer_state,
             meta=meta,
             keep_last=cfg.keep_last_checkpoints,
+            staging=staging,
         )
 
     t0 = time.perf_counter()
@@ -494,8 +388,10 @@ def train(
         # (eval is the caller's job: score the final folder or a checkpoint)
         # save: every K steps, and wherever the loop stops, so a stop is always resumable
         periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
-        if is_main and step > start_step and (stopping or periodic):
-            last_ckpt = _checkpoint()
+        if step > start_step and (stopping or periodic):
+            if is_main:
+                last_ckpt = _checkpoint()
+            _barrier(world_size)
         if stopping:
             break
 
@@ -505,13 +401,17 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum_steps):
+        for micro in range(cfg.grad_accum_steps):
             batch = next(batches).to(device, non_blocking=True)
-            with _autocast(device):
-                loss = lm_loss(fwd_model, batch)
-            (loss / cfg.grad_accum_steps).backward()
+            # DDP all-reduces gradients on the last micro-batch of the step only
+            accumulating = ddp and micro < cfg.grad_accum_steps - 1
+            with model.no_sync() if accumulating else contextlib.nullcontext():
+                with _autocast(device):
+                    loss = lm_loss(fwd_model, batch)
+                (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        step_loss = (loss_sum / cfg.grad_accum_steps).item()  # sync point: one per step
+        step_loss_t = _all_ranks_mean(loss_sum / cfg.grad_accum_steps, world_size)
+        step_loss = step_loss_t.item()  # sync point: one per step (ranks agree on NaN stops)
         if not math.isfinite(step_loss):
             kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
             raise RbridgeError(
@@ -530,8 +430,10 @@ def train(
         if step - start_step > 1:  # the first step pays compile / warmup costs
             timed_tokens += tokens_per_step
             timed_seconds += dt
+        tok_s = tokens_per_step / max(dt, 1e-9)
+        if is_main and on_step is not None:
+            on_step(StepReport(step, max_steps, step_loss, lr, tok_s))
         if is_main and (step % cfg.log_every_steps == 0 or step == max_steps):
-            tok_s = tokens_per_step / max(dt, 1e-9)
             eta = (max_steps - step) * dt
             logger.info(
                 "step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | eta %.0fs",
@@ -564,11 +466,15 @@ def train(
             "final_loss": losses[-1] if losses else None,
             "tokens_per_second": tok_per_s,
             "mfu": mfu,
+            "world_size": world_size,
             "training_config": config_json,
             **(extra_meta or {}),
         }
-        final_dir = save_final(raw_model, out_dir, meta, tokenizer)
+        final_dir = save_final(raw_model, out_dir, meta, tokenizer, staging=staging)
         logger.info("saved %s (%d tokens, %.3g FLOPs)", final_dir, tokens_seen, train_flops)
+    _barrier(world_size)
+    if staging is not None and work_dir is None:
+        shutil.rmtree(staging, ignore_errors=True)
 
     return TrainResult(
         steps=step,

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rbridge_core.checkpoints import latest_checkpoint
 from rbridge_core.cli import app
 from rbridge_core.config import ScoringConfig
 from rbridge_core.corpora import CorpusSpec
 from rbridge_core.models import model_preset
 from rbridge_core.proxy import train_proxy
 from rbridge_core.scoring import score_model_dir
-from rbridge_core.training import TrainingConfig, latest_checkpoint
+from rbridge_core.training import TrainingConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT = SHARED / "corpora" / "wikitext2" / "valid.txt"
@@ -64,3 +65,32 @@ def test_empty_corpus_is_one_clear_line(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "empty.txt" in lines[0], result.output
+
+
+def _train_cli(tmp_path, corpus, *extra):
+    args = ["train", "--corpus", str(corpus), "--tokenizer", str(TOK512), "--out",
+            str(tmp_path / "r"), *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, lines
+
+
+def test_corrupt_parquet_is_one_clear_line(tmp_path):
+    bad = tmp_path / "shard-00001.parquet"
+    bad.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    code, lines = _train_cli(tmp_path, bad, "--tokens", "1000")
+    assert code == 2 and len(lines) == 1, lines
+    assert "shard-00001.parquet" in lines[0] and "Parquet" in lines[0]
+
+
+def test_corpus_smaller_than_budget_says_so_and_how_to_repeat(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("A short corpus.\n\nTwo documents only.\n")
+    code, lines = _train_cli(tmp_path, small, "--tokens", "100000")
+    assert code == 2 and len(lines) == 1, lines
+    assert "small.txt" in lines[0] and "fewer than the budget" in lines[0]
+    assert "--repeat" in lines[0]
+
+    code, lines = _train_cli(tmp_path, small, "--tokens", "3000", "--repeat")
+    assert code == 0, lines
+    assert (tmp_path / "r" / "final" / "meta.json").is_file()

@@ -11,6 +11,7 @@ import torch
 import transformers
 from pydantic import ValidationError
 
+from rbridge_core.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from rbridge_core.errors import ConfigError, RbridgeError
 from rbridge_core.models import (
     ModelConfig,
@@ -24,9 +25,6 @@ from rbridge_core.models import (
 from rbridge_core.training import (
     TrainingConfig,
     evaluate_loss,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     lr_at,
     steps_for_budget,
     train,
@@ -289,3 +287,34 @@ def test_tiny_model_learns_real_text_and_final_folder_loads(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(final)
     assert evaluate_loss(reloaded, held_out.split(16)) == pytest.approx(after, abs=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(final).vocab_size == 512
+
+
+# --- checkpoints on an object store (a real S3 server on 127.0.0.1) ---------------------------
+
+
+def test_checkpoints_and_final_model_on_s3_resume_exactly(tmp_path, s3_bucket):
+    from rbridge_core.storage import download_dir, upload_dir
+
+    _, _, full = _run(tmp_path / "full", RESUME_CFG)
+    url = f"{s3_bucket}/runs/split"
+    _, _, part = _run(url, RESUME_CFG, stop_at_step=5)
+    assert part.final_dir is None
+    assert [c.rsplit("/", 1)[-1] for c in list_checkpoints(url)] == [
+        "step_0000003",
+        "step_0000005",
+    ]
+    # an upload cut short (no meta.json marker) is not a checkpoint
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    upload_dir(half, f"{url}/checkpoints/step_0000007")
+    assert latest_checkpoint(url).endswith("step_0000005")
+
+    resumed_model, _, resumed = _run(url, RESUME_CFG, resume=True)
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
+    assert resumed.final_dir == f"{url}/final"
+    local = download_dir(resumed.final_dir, tmp_path / "final")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(local)
+    for name, tensor in resumed_model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    assert json.loads((local / "meta.json").read_text())["train_tokens"] == full.tokens_seen
