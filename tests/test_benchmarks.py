@@ -186,7 +186,7 @@ def test_shipped_slices_carry_their_source_and_stay_small():
     folders = {path.parent for path in EXAMPLES_DIR.rglob("*.jsonl*")} - {EXAMPLES_DIR / "traces"}
     for folder in folders:
         assert "Slice shipped with rbridge" in (folder / "SOURCE.txt").read_text()
-    data = [p for p in EXAMPLES_DIR.rglob("*") if p.is_file() and "models" not in p.parts]
+    data = [p for p in (EXAMPLES_DIR / "benchmarks").rglob("*") if p.is_file()]
     total = sum(path.stat().st_size for path in data)
     assert total < 1_500_000
 

@@ -1,0 +1,140 @@
+"""The ranking report: markdown content, PNG plots, and writing it to a folder."""
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rbridge_core.ranking import rank_corpora
+from rbridge_core.report import Report, render_report, write_report
+from rbridge_core.schemas import SCORES
+
+PNG_MAGIC = b"\x89PNG"
+
+# (corpus, benchmark) -> trace_nll; top5_acc is derived from it below. "code" has no arc value.
+NLL = {
+    ("math", "gsm8k"): 1.0,
+    ("math", "arc"): 2.0,
+    ("web", "gsm8k"): 1.5,
+    ("web", "arc"): 2.5,
+    ("code", "gsm8k"): 1.2,
+    ("code", "arc"): math.nan,
+}
+
+
+def _scores() -> pa.Table:
+    records = []
+    for (corpus, benchmark), nll in NLL.items():
+        for metric, value in (("trace_nll", nll), ("top5_acc", 1.0 / nll)):
+            records.append(
+                {
+                    "corpus": corpus,
+                    "benchmark": benchmark,
+                    "metric": metric,
+                    "value": value,
+                    "ci_low": value - 0.125,
+                    "ci_high": value + 0.25,
+                    "n_items": 40,
+                    "params": 1_000,
+                    "train_tokens": 10_000,
+                    "train_flops": 6e7,
+                    "checkpoint": f"{corpus}/final",
+                }
+            )
+    return pa.Table.from_pylist(records, schema=SCORES)
+
+
+def _render(**overrides) -> Report:
+    scores = _scores()
+    kwargs = {
+        "failed": {"wiki": "CorpusError: wiki.txt has no documents\nsecond line"},
+        "headline_metrics": ["trace_nll", "top5_acc"],
+        "title": "Demo ranking",
+        "extra": None,
+    }
+    kwargs.update(overrides)
+    return render_report(scores, rank_corpora(scores), **kwargs)
+
+
+def test_markdown_has_every_corpus_ranks_values_and_cis() -> None:
+    md = _render().markdown
+    assert md.startswith("# Demo ranking\n")
+    for corpus in ("math", "web", "code", "wiki"):
+        assert corpus in md
+    # gsm8k, trace_nll (lower is better): math 1.0, code 1.2, web 1.5.
+    assert "| 1 | math | 1.0000 | [0.8750, 1.2500] | 40 |" in md
+    assert "| 2 | code | 1.2000 | [1.0750, 1.4500] | 40 |" in md
+    assert "| 3 | web | 1.5000 | [1.3750, 1.7500] | 40 |" in md
+    # top5_acc = 1/nll (higher is better): the same order, so direction was applied.
+    gsm8k_top5 = md.split("\n## gsm8k\n")[1].split("### top5_acc")[1].split("\n## ")[0]
+    assert "| 1 | math | 1.0000 |" in gsm8k_top5
+    assert "| 3 | web | 0.6667 |" in gsm8k_top5
+    # all: macro mean over gsm8k and arc; code lacks arc, so it has no `all` rank.
+    all_section = md.split("## all (mean over benchmarks)")[1].split("\n## ")[0]
+    assert "| 1 | math | 1.5000 | – | – |" in all_section
+    assert "| 2 | web | 2.0000 | – | – |" in all_section
+    assert "code" not in all_section
+    # code is scored on arc but its value is missing: listed without a rank.
+    arc_section = md.split("\n## arc\n")[1].split("\n## ")[0]
+    assert "| – | code | n/a | – | 40 |" in arc_section
+    assert "lower is better" in md and "higher is better" in md
+
+
+def test_failed_section_lists_each_failure_or_none() -> None:
+    md = _render().markdown
+    failed = md.split("## Failed corpora")[1]
+    assert "- **wiki**: CorpusError: wiki.txt has no documents second line" in failed
+    assert _render(failed={}).markdown.rstrip().endswith("## Failed corpora\n\nnone")
+
+
+def test_images_are_pngs_and_referenced_by_the_markdown() -> None:
+    report = _render()
+    assert set(report.images) == {"scores_gsm8k.png", "scores_arc.png", "rank_heatmap.png"}
+    for name, payload in report.images.items():
+        assert payload.startswith(PNG_MAGIC), name
+        assert f"]({name})" in report.markdown
+
+
+def test_unknown_headline_metrics_are_skipped() -> None:
+    report = _render(headline_metrics=["rbridge_nll", "top5_acc"])
+    assert "skipped): rbridge_nll" in report.markdown
+    assert "### top5_acc" in report.markdown and "### rbridge_nll" not in report.markdown
+    nothing = _render(headline_metrics=["rbridge_nll"])
+    assert nothing.images == {}
+    assert "## Failed corpora" in nothing.markdown
+
+
+def test_markdown_is_deterministic_and_shows_extra() -> None:
+    extra = {"run": "nightly-7", "git": "abc123"}
+    first, second = _render(extra=extra), _render(extra=extra)
+    assert first.markdown == second.markdown
+    assert "- **run**: nightly-7\n- **git**: abc123" in first.markdown
+
+
+def test_table_cells_escape_pipes() -> None:
+    scores = _scores()
+    renamed = scores.set_column(
+        0, "corpus", pa.array([c.replace("web", "we|b") for c in scores["corpus"].to_pylist()])
+    ).cast(SCORES)
+    report = render_report(
+        renamed, rank_corpora(renamed), failed={}, headline_metrics=["trace_nll"], title="t"
+    )
+    assert "| we\\|b |" in report.markdown
+
+
+def test_write_report_round_trip(tmp_path: Path) -> None:
+    report = _render()
+    paths = write_report(report, str(tmp_path / "out"))
+    out = tmp_path / "out"
+    assert (out / "report.md").read_text(encoding="utf-8") == report.markdown
+    for name, payload in report.images.items():
+        assert (out / name).read_bytes() == payload
+    assert sorted(Path(p).name for p in paths) == sorted([*report.images, "report.md"])
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("headline", [["trace_nll"], ["top5_acc", "trace_nll"]])
+def test_heatmap_follows_the_first_headline_metric(headline: list[str]) -> None:
+    md = _render(headline_metrics=headline).markdown
+    assert f"## Ranks across benchmarks: {headline[0]}" in md
