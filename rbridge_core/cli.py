@@ -232,6 +232,68 @@ def _step_progress(disable: bool = False) -> Progress:
     )
 
 
+@app.command()
+@_clear_errors
+def rank(
+    config: Path = typer.Argument(..., help="RankConfig YAML (corpora, traces, proxy, ...)."),
+    output: str = typer.Option(None, help="Override: where run folders go (local or s3://)."),
+):
+    """Rank corpora: train a proxy per corpus, score it on the traces, write the ranking.
+
+    Runs the Prefect flow locally (a temporary server; PREFECT_API_URL when set).
+    """
+    from rbridge_core.config import load_rank_config
+
+    cfg = load_rank_config(config, {"output": output} if output else None)
+    _run_ranking(cfg)
+
+
+@app.command()
+@_clear_errors
+def demo(
+    out: str = typer.Option("out/demo", help="Where the demo's run folders go."),
+    max_concurrency: int = typer.Option(1, help="Corpora trained at once."),
+):
+    """Rank five real corpus slices on GSM8K and CommonsenseQA traces with tiny proxies (CPU)."""
+    from rbridge_core.config import ExecutionConfig, demo_config
+
+    execution = ExecutionConfig(max_concurrency=max_concurrency)
+    _run_ranking(demo_config(output=out, execution=execution.model_dump()))
+
+
+def _run_ranking(cfg) -> None:
+    import os
+
+    # the library's progress lines appear in the Prefect UI's run logs too
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rbridge_core")
+    _quiet_libraries()
+    from flows.rank import RankingFailed, rank_corpora
+    from rbridge_core.pipeline import ranking_summary, read_parquet
+    from rbridge_core.storage import join
+
+    try:
+        manifest = rank_corpora(cfg)
+    except RankingFailed as err:
+        raise RbridgeError(str(err)) from None
+    run_dir = manifest["run"]
+    metric = cfg.headline_metrics[0]
+    summary = ranking_summary(read_parquet(join(run_dir, "ranking.parquet")), metric)
+    table = Table(title=f"corpus ranks on {metric} (1 = best)")
+    for col in summary.columns:
+        table.add_column(col)
+    for row in summary.iter_rows():
+        table.add_row(*["-" if v is None else str(v) for v in row])
+    Console().print(table)
+    for name, error in manifest["failed"].items():
+        console.print(f"[bold red]failed:[/] {name}: {error}", highlight=False, soft_wrap=True)
+    console.print(
+        f"run folder: {run_dir} (ranking.parquet, scores.parquet, item_scores.parquet, "
+        f"report.md, manifest.json)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @traces_app.command("build")
 @_clear_errors
 def traces_build(

@@ -81,13 +81,15 @@ class ModelConfig(BaseModel):
         name = data["preset"]
         if name not in _PRESETS:
             raise _unknown_preset(str(name))
-        given = [f for f in _SHAPE_FIELDS if data.get(f) is not None]
+        preset_shape = dict(zip(_SHAPE_FIELDS, _PRESETS[name], strict=True))
+        # a dumped config repeats the preset's own shape: that round-trips; a different shape not
+        given = [f for f in _SHAPE_FIELDS if data.get(f) not in (None, preset_shape[f])]
         if given:
             raise ValueError(
                 f"model.preset={name!r} together with {', '.join(given)}: give either a preset "
                 "or the shape fields of a custom model (preset=None), not both"
             )
-        return {**data, **dict(zip(_SHAPE_FIELDS, _PRESETS[name], strict=True))}
+        return {**data, **preset_shape}
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:

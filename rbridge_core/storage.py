@@ -41,6 +41,12 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> str:
     return path
 
 
+def read_bytes(path: str | Path) -> bytes:
+    """The whole content of a file at a local path or URL."""
+    fs, fs_path = fsspec.core.url_to_fs(str(path))
+    return fs.cat_file(fs_path)
+
+
 def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     """``table`` serialised as a Parquet file."""
     sink = pa.BufferOutputStream()

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rbridge_core.checkpoints import (
     latest_checkpoint,
@@ -37,6 +36,7 @@ from rbridge_core.checkpoints import (
     set_rng_state,
     unwrap,
 )
+from rbridge_core.config import TrainingConfig
 from rbridge_core.errors import ConfigError, RbridgeError
 from rbridge_core.models import count_parameters
 from rbridge_core.storage import is_url
@@ -62,55 +62,6 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("V100", 125e12),
     ("T4", 65e12),
 ]
-
-
-class TrainingConfig(BaseModel):
-    """How a proxy is trained. Give exactly one of max_steps, train_tokens, tokens_per_param."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps.")
-    train_tokens: int | None = Field(None, ge=1, description="Token budget (rounded up to steps).")
-    tokens_per_param: float | None = Field(
-        None, gt=0, description="Token budget as a multiple of the parameters (Chinchilla: 20)."
-    )
-    seq_len_tokens: int = Field(512, ge=1, description="Tokens per row (inputs; rows carry +1).")
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch, per rank.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on 2-D weights only.")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; None: off.")
-    checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="Checkpoint interval in steps (always one at the end)."
-    )
-    keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    seed: int = 0
-    compile: bool = Field(False, description="torch.compile the model (opt-in).")
-    log_every_steps: int = Field(10, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainingConfig:
-        budgets = {
-            k: getattr(self, k)
-            for k in ("max_steps", "train_tokens", "tokens_per_param")
-            if getattr(self, k) is not None
-        }
-        if len(budgets) != 1:
-            raise ValueError(
-                f"training: give exactly one of max_steps, train_tokens, tokens_per_param "
-                f"(got {budgets or 'none'})"
-            )
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"training.betas={self.betas}: each must be in [0, 1)")
-        return self
-
-    def tokens_per_step(self, world_size: int = 1) -> int:
-        """Tokens consumed by one optimizer step across all ranks."""
-        return self.batch_size * self.seq_len_tokens * self.grad_accum_steps * world_size
 
 
 def steps_for_budget(cfg: TrainingConfig, n_params: int | None = None, world_size: int = 1) -> int:

@@ -1,0 +1,45 @@
+"""Write the run folder and publish the ranking and report as Prefect artifacts."""
+
+import re
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from rbridge_core import pipeline
+from rbridge_core.config import RankConfig
+from rbridge_core.storage import join, read_bytes
+from tasks.policies import retry_transient
+
+
+def _artifact_key(name: str, what: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
+
+
+@task(name="write-outputs", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def write_outputs(
+    run_dir: str,
+    config: RankConfig,
+    traces: pipeline.TracesRef,
+    results: list[pipeline.CorpusResult],
+    failed: dict[str, str],
+    timings: dict[str, float],
+) -> dict:
+    manifest = pipeline.write_run(run_dir, config, traces, results, failed, timings=timings)
+    metric = config.headline_metrics[0]
+    ranking = pl.from_arrow(pipeline.read_parquet(join(run_dir, "ranking.parquet")))
+    rows = ranking.filter(pl.col("metric") == metric).sort("benchmark", "rank").to_dicts()
+    create_table_artifact(
+        key=_artifact_key(config.name, "ranking"),
+        table=rows,
+        description=f"Corpus ranking on {metric} (rank 1 = best); run folder {run_dir}",
+    )
+    report = read_bytes(join(run_dir, "report.md")).decode()
+    create_markdown_artifact(
+        key=_artifact_key(config.name, "report"), markdown=report, description=run_dir
+    )
+    get_run_logger().info(
+        "wrote %s: %d corpora ranked, %d failed", run_dir, len(results), len(failed)
+    )
+    return manifest

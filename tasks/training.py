@@ -1,0 +1,52 @@
+"""Fingerprint a corpus and train its proxy (cached on the content key)."""
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from rbridge_core import pipeline
+from rbridge_core.config import CorpusConfig, ProxyConfig
+from tasks.policies import retry_transient
+
+
+@task(
+    name="fingerprint-corpus",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_transient,
+    task_run_name="fingerprint-{corpus.name}",
+)
+def corpus_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) -> str:
+    return pipeline.proxy_key(corpus, proxy, strong=strong)
+
+
+def _train_cache_key(context, parameters) -> str:
+    return f"rbridge-train-{parameters['key']}"
+
+
+@task(
+    name="train-proxy",
+    cache_key_fn=_train_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retry_condition_fn=retry_transient,
+    task_run_name="train-{corpus.name}",
+)
+def train_proxy(
+    corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str
+) -> pipeline.ProxyRef:
+    ref = pipeline.train_corpus(corpus, proxy, cache_dir, key)
+    verb = "trained" if ref.trained else "reused"
+    get_run_logger().info(
+        "%s the %s proxy of %s (%s tokens): %s", verb, proxy.preset, corpus.name,
+        ref.train_tokens, ref.uri,
+    )  # fmt: skip
+    return ref
+
+
+@task(
+    name="given-checkpoints",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_transient,
+    task_run_name="checkpoints-{corpus.name}",
+)
+def given_checkpoints(corpus: CorpusConfig) -> list[pipeline.ProxyRef]:
+    return pipeline.given_checkpoints(corpus)
