@@ -54,15 +54,25 @@ def process_corpus(
             corpus, config.proxy, cache, key, return_state=True
         )
         states["train"] = trained.name
-        proxies = [trained.result()]
+        proxies = [_described(trained)]
     scores = []
     for proxy in proxies:
         scored = configured(score_proxy, cache, execution)(
             proxy, traces, config.scoring, cache, return_state=True
         )
         states[f"score:{proxy.uri}"] = scored.name
-        scores.append(scored.result())
+        scores.append(_described(scored))
     return pipeline.CorpusResult(corpus=corpus.name, proxies=proxies, scores=scores, states=states)
+
+
+def _described(state):
+    """The step's result as this run saw it: a cached one computed nothing here (no training
+    and no seconds spent), whatever the run that cached it recorded."""
+    result = state.result()
+    if state.name != "Cached":
+        return result
+    update = {"seconds": 0.0, **({"trained": False} if hasattr(result, "trained") else {})}
+    return result.model_copy(update=update)
 
 
 @flow(name="train-and-score")
@@ -104,7 +114,8 @@ def run_corpus(
         state = child.state.name if child.state else "unknown"
         message = child.state.message if child.state else ""
         raise RbridgeError(f"child flow run {child.name} ended {state}: {message}")
-    return pipeline.CorpusResult.model_validate_json(read_bytes(result_uri))
+    result = pipeline.CorpusResult.model_validate_json(read_bytes(result_uri))
+    return result.model_copy(update={"child_flow_run": str(child.id)})
 
 
 def _error_of(state) -> str:

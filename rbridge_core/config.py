@@ -125,7 +125,7 @@ class CorpusConfig(_Frozen):
     name: str = Field(
         ..., pattern=_NAME_PATTERN, description="Short unique name (letters, digits, . _ -)."
     )
-    paths: list[str] = Field(..., min_length=1, description="Files or folders; local or s3://.")
+    paths: list[str] = Field(default_factory=list, description="Files or folders; local or s3://.")
     text_field: str = Field("text", description="Text column (Parquet) or field (JSONL).")
     format: Literal["auto", "parquet", "jsonl", "text"] = "auto"
     checkpoints: list[str] = Field(
@@ -133,6 +133,14 @@ class CorpusConfig(_Frozen):
         description="Existing model folders (HF, local or s3://) to score instead of training, "
         "e.g. a ladder of sizes or steps. Empty: train a proxy on this corpus.",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "CorpusConfig":
+        if not self.paths and not self.checkpoints:
+            raise ValueError(
+                f"corpus {self.name!r}: give paths (to train a proxy) or checkpoints (to score)"
+            )
+        return self
 
     def spec(self):
         from rbridge_core.corpora import CorpusSpec

@@ -51,7 +51,7 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _is_transient_itself(error: BaseException) -> bool:
-    if isinstance(error, RbridgeError | _PERMANENT_OS_ERRORS):
+    if isinstance(error, (RbridgeError, *_PERMANENT_OS_ERRORS)):
         return False
     if isinstance(error, OSError | TimeoutError | ConnectionError):
         return True

@@ -101,6 +101,7 @@ class CorpusResult(_Record):
     proxies: list[ProxyRef]
     scores: list[ScoreRef]
     states: dict[str, str] = {}  # step -> final Prefect state name (Completed, Cached)
+    child_flow_run: str | None = None  # cluster mode: the train-and-score flow run's id
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -147,6 +148,12 @@ def folder_fingerprint(path: str) -> str:
     return digest(records)
 
 
+# Settings that change how a step runs but not what it produces: left out of the keys, so that
+# changing them reuses the cache (scores are batch/chunk invariant to 1e-5, tested).
+TRAINING_RUN_ONLY = {"log_every_steps", "checkpoint_every_steps", "keep_last_checkpoints"}
+SCORING_RUN_ONLY = {"batch_max_tokens", "head_chunk_rows", "compile_statistics"}
+
+
 def proxy_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) -> str:
     """Key of a proxy trained on ``corpus``: changes exactly when its training would."""
     from rbridge_core.corpora import fingerprint
@@ -156,7 +163,7 @@ def proxy_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) ->
         fingerprint(corpus.spec(), strong=strong),
         file_fingerprint(proxy.tokenizer),
         proxy.model().model_dump(mode="json"),
-        proxy.training.model_dump(mode="json"),
+        proxy.training.model_dump(mode="json", exclude=TRAINING_RUN_ONLY),
         proxy.repeat_corpus,
         code_fingerprint(TRAINING_CODE),
     )
@@ -164,10 +171,9 @@ def proxy_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) ->
 
 def score_key(corpus: str, proxy: ProxyRef, traces: TracesRef, scoring: ScoringConfig) -> str:
     """Key of the scores of ``proxy`` on ``traces``: the checkpoint, traces, config and code."""
-    scoring_json = scoring.model_dump(mode="json")
-    return digest(
-        "scores", corpus, proxy.key, traces.key, scoring_json, code_fingerprint(SCORING_CODE)
-    )
+    code = code_fingerprint(SCORING_CODE)
+    config = scoring.model_dump(mode="json", exclude=SCORING_RUN_ONLY)
+    return digest("scores", corpus, proxy.key, traces.key, config, code)
 
 
 # --- traces --------------------------------------------------------------------------------------
@@ -352,7 +358,7 @@ def _parquet(table: pa.Table) -> bytes:
 
 def run_folder_name(config: RankConfig, now: datetime | None = None, suffix: str = "") -> str:
     """``<name>-<UTC time>[-suffix]``: sortable, one per run."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{config.name}-{stamp}" + (f"-{suffix}" if suffix else "")
 
 
@@ -444,6 +450,7 @@ def write_run(
                 "proxies": [p.model_dump(mode="json") for p in r.proxies],
                 "scores": [s.model_dump(mode="json") for s in r.scores],
                 "states": r.states,
+                "child_flow_run": r.child_flow_run,
             }
             for r in results
         }

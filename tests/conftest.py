@@ -80,3 +80,24 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"rbridge-test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem().mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (SQLite in a temporary folder) on 127.0.0.1 for the session.
+
+    Prefect's own test harness starts it in a subprocess and points this process's Prefect
+    settings at it; its URL is returned for child processes (workers, served flows).
+    """
+    pytest.importorskip("prefect")
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    # no telemetry: there is no internet here, and its writes only contend for the SQLite lock
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield str(PREFECT_API_URL.value())

@@ -1,0 +1,499 @@
+"""The pipeline's pure parts: cache keys, the transient-error test, the retry batch budget, trace
+staging, run folder names and the printed ranking. Hermetic: trains and scores nothing."""
+
+import errno
+import json
+import os
+import shutil
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from rbridge_core import pipeline
+from rbridge_core.config import (
+    CorpusConfig,
+    ExecutionConfig,
+    ProxyConfig,
+    RankConfig,
+    ScoringConfig,
+    TracesConfig,
+    TrainingConfig,
+)
+from rbridge_core.errors import ConfigError, RbridgeError, TracesError, is_transient
+from rbridge_core.schemas import RANKING
+from rbridge_core.traces import read_traces
+
+EXAMPLES = Path(pipeline.__file__).parent / "examples"
+CORPUS = EXAMPLES / "corpora/wiki/wikitext2_valid_head.txt"
+TOKENIZER = EXAMPLES / "tokenizers/tok512/tok512.model"
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+    """A private copy of a demo corpus, free to modify."""
+    path = tmp_path / "corpus" / "wiki.txt"
+    path.parent.mkdir()
+    shutil.copy2(CORPUS, path)
+    return path
+
+
+def _corpus(path: Path, name: str = "wiki") -> CorpusConfig:
+    return CorpusConfig(name=name, paths=[str(path)])
+
+
+def _proxy(**overrides) -> ProxyConfig:
+    fields = {
+        "preset": "tiny",
+        "tokenizer": str(TOKENIZER),
+        "training": TrainingConfig(max_steps=40, batch_size=16, seq_len_tokens=128, lr=1e-2),
+    }
+    return ProxyConfig(**(fields | overrides))
+
+
+def _training(**overrides) -> TrainingConfig:
+    return _proxy().training.model_copy(update=overrides)
+
+
+# --- proxy_key -------------------------------------------------------------------------------
+
+
+def test_proxy_key_is_stable(corpus_file):
+    first = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy()) == first
+    assert len(first) == 64 and int(first, 16) >= 0  # sha256 hex
+
+
+def test_proxy_key_changes_when_the_corpus_grows(corpus_file):
+    before = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    with corpus_file.open("a") as f:
+        f.write("one more line\n")
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy()) != before
+
+
+def test_proxy_key_changes_when_the_corpus_is_rewritten_in_place(corpus_file):
+    """Same size, new content: the cheap fingerprint sees the mtime, the strong one the bytes."""
+    cheap = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    strong = pipeline.proxy_key(_corpus(corpus_file), _proxy(), strong=True)
+    data = bytearray(corpus_file.read_bytes())
+    data[:5] = b"XXXXX"
+    stat = corpus_file.stat()
+    corpus_file.write_bytes(bytes(data))
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert corpus_file.stat().st_size == stat.st_size
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy()) != cheap
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy(), strong=True) != strong
+
+
+def test_cheap_proxy_key_changes_with_mtime_alone(corpus_file):
+    before = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    stat = corpus_file.stat()
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy()) != before
+    # the strong key reads the bytes, which did not change
+    strong = pipeline.proxy_key(_corpus(corpus_file), _proxy(), strong=True)
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy(), strong=True) == strong
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"training": _training(lr=3e-3)},
+        {"training": _training(max_steps=41)},
+        {"training": _training(seed=1)},
+        {"preset": "4M"},
+        {"max_position_embeddings": 1024},
+        {"repeat_corpus": True},
+    ],
+    ids=["lr", "max_steps", "seed", "preset", "max_position", "repeat_corpus"],
+)
+def test_proxy_key_changes_with_what_training_depends_on(corpus_file, change):
+    corpus = _corpus(corpus_file)
+    assert pipeline.proxy_key(corpus, _proxy(**change)) != pipeline.proxy_key(corpus, _proxy())
+
+
+def test_proxy_key_changes_with_the_tokenizer_file(corpus_file, tmp_path):
+    copy = tmp_path / "tok" / "tok512.model"
+    copy.parent.mkdir()
+    shutil.copy2(TOKENIZER, copy)
+    corpus = _corpus(corpus_file)
+    base = pipeline.proxy_key(corpus, _proxy())
+    # the tokenizer is hashed by content: a copy elsewhere is the same tokenizer
+    assert pipeline.proxy_key(corpus, _proxy(tokenizer=str(copy))) == base
+    with copy.open("ab") as f:
+        f.write(b"\0")
+    assert pipeline.proxy_key(corpus, _proxy(tokenizer=str(copy))) != base
+
+
+def test_proxy_key_changes_with_the_corpus_reading_options(corpus_file):
+    base = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    text = CorpusConfig(name="wiki", paths=[str(corpus_file)], format="text")
+    assert pipeline.proxy_key(text, _proxy()) != base
+
+
+def test_proxy_key_ignores_scoring_and_execution_settings(corpus_file):
+    rank = RankConfig(
+        corpora=[_corpus(corpus_file)],
+        traces=TracesConfig(benchmarks=["gsm8k"]),
+        proxy=_proxy(),
+    )
+    other = rank.model_copy(
+        update={
+            "scoring": ScoringConfig(batch_max_tokens=512, bootstrap_samples=10, seed=3),
+            "execution": ExecutionConfig(max_concurrency=4, retries=0, fingerprint="strong"),
+            "traces": TracesConfig(benchmarks=["math500"], limit_per_benchmark=3),
+            "output": "elsewhere",
+            "headline_metrics": ["trace_nll"],
+        }
+    )
+    keys = {pipeline.proxy_key(cfg.corpora[0], cfg.proxy) for cfg in (rank, other)}
+    assert len(keys) == 1
+
+
+def test_strong_key_follows_content_not_location(corpus_file, tmp_path):
+    twin = tmp_path / "elsewhere" / "other-name.txt"
+    twin.parent.mkdir()
+    shutil.copy2(corpus_file, twin)
+    os.utime(twin, ns=(0, 10**18))  # a different mtime too
+    a, b = _corpus(corpus_file), _corpus(twin)
+    assert pipeline.proxy_key(a, _proxy(), strong=True) == pipeline.proxy_key(
+        b, _proxy(), strong=True
+    )
+    assert pipeline.proxy_key(a, _proxy()) != pipeline.proxy_key(b, _proxy())
+    assert pipeline.proxy_key(a, _proxy()) != pipeline.proxy_key(a, _proxy(), strong=True)
+
+
+def test_proxy_key_of_a_missing_tokenizer_names_it(corpus_file, tmp_path):
+    missing = tmp_path / "no-such.model"
+    with pytest.raises(RbridgeError, match="no-such.model"):
+        pipeline.proxy_key(_corpus(corpus_file), _proxy(tokenizer=str(missing)))
+
+
+# --- score_key -------------------------------------------------------------------------------
+
+
+def _proxy_ref(key: str = "p" * 64, corpus: str = "wiki") -> pipeline.ProxyRef:
+    return pipeline.ProxyRef(corpus=corpus, uri=f"/cache/{corpus}/final", key=key, trained=True)
+
+
+def _traces_ref(key: str = "t" * 64) -> pipeline.TracesRef:
+    return pipeline.TracesRef(uri="/cache/t.parquet", key=key, n_items=3, benchmarks=["gsm8k"])
+
+
+def test_score_key_is_stable_and_depends_on_every_input():
+    scoring = ScoringConfig(device="cpu")
+    proxy, traces = _proxy_ref(), _traces_ref()
+    base = pipeline.score_key("wiki", proxy, traces, scoring)
+    assert pipeline.score_key("wiki", _proxy_ref(), _traces_ref(), ScoringConfig(device="cpu")) == (
+        base
+    )
+    variants = [
+        ("web", proxy, traces, scoring),
+        ("wiki", _proxy_ref(key="q" * 64), traces, scoring),
+        ("wiki", proxy, _traces_ref(key="u" * 64), scoring),
+        ("wiki", proxy, traces, scoring.model_copy(update={"seed": 1})),
+        ("wiki", proxy, traces, scoring.model_copy(update={"minmax_scope": "benchmark"})),
+        ("wiki", proxy, traces, scoring.model_copy(update={"stats_last_n_tokens": 50})),
+    ]
+    keys = [pipeline.score_key(*args) for args in variants]
+    assert base not in keys
+    assert len(set(keys)) == len(keys)
+
+
+def test_score_key_ignores_where_the_proxy_and_traces_live():
+    """Keys hash the proxy and traces keys (their content), not their URIs."""
+    scoring = ScoringConfig()
+    base = pipeline.score_key("wiki", _proxy_ref(), _traces_ref(), scoring)
+    moved_proxy = _proxy_ref().model_copy(update={"uri": "s3://b/final", "seconds": 9.0})
+    moved_traces = _traces_ref().model_copy(update={"uri": "s3://b/t.parquet"})
+    assert pipeline.score_key("wiki", moved_proxy, moved_traces, scoring) == base
+
+
+def test_keys_ignore_settings_that_do_not_change_results(corpus_file):
+    """Logging, checkpoint cadence and batch/chunk sizes change how a step runs, not its result."""
+    base = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    run_only = _training(log_every_steps=1, checkpoint_every_steps=5, keep_last_checkpoints=9)
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy(training=run_only)) == base
+
+    scoring = ScoringConfig()
+    faster = ScoringConfig(batch_max_tokens=512, head_chunk_rows=16, compile_statistics="off")
+    args = ("wiki", _proxy_ref(), _traces_ref())
+    assert pipeline.score_key(*args, faster) == pipeline.score_key(*args, scoring)
+
+
+def test_digest_is_order_independent_for_dicts_only():
+    assert pipeline.digest({"a": 1, "b": 2}) == pipeline.digest({"b": 2, "a": 1})
+    assert pipeline.digest([1, 2]) != pipeline.digest([2, 1])
+    assert pipeline.digest("a", "b") != pipeline.digest("ab")
+
+
+# --- is_transient ----------------------------------------------------------------------------
+
+
+class _ClientError(Exception):
+    """Shaped like botocore.exceptions.ClientError: the parsed response on ``.response``."""
+
+    def __init__(self, code: str):
+        super().__init__(f"An error occurred ({code})")
+        self.response = {"Error": {"Code": code, "Message": "..."}}
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError."""
+
+
+def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise error from cause
+    except BaseException as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ConnectionError("reset"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset by peer"), True),
+        (TimeoutError("timed out"), True),
+        (OSError(errno.EIO, "Input/output error"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (OutOfMemoryError("out of memory"), True),
+        (_ClientError("SlowDown"), True),
+        (_ClientError("503"), True),
+        (_ClientError("NoSuchKey"), False),
+        (_ClientError("AccessDenied"), False),
+        (FileNotFoundError(errno.ENOENT, "No such file", "x.parquet"), False),
+        (PermissionError(errno.EACCES, "Permission denied"), False),
+        (IsADirectoryError("x"), False),
+        (ConfigError("config field 'x' = 1: bad"), False),
+        (TracesError("bad trace"), False),
+        (RbridgeError("bad input"), False),
+        (ValueError("bad value"), False),
+        (KeyError("missing"), False),
+        (RuntimeError("something else"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_is_transient(error, expected):
+    assert is_transient(error) is expected
+
+
+def test_is_transient_follows_the_cause_chain():
+    assert is_transient(_raised_from(RbridgeError("reading s3://b/x"), ConnectionError()))
+    assert is_transient(_raised_from(ValueError("x"), _raised_from(KeyError("y"), TimeoutError())))
+    assert not is_transient(_raised_from(RbridgeError("bad"), ValueError("worse")))
+    assert is_transient(_raised_from(OSError(errno.EIO, "io"), ValueError("cause")))
+
+
+def test_is_transient_ignores_an_implicit_context():
+    """Only an explicit ``raise ... from`` makes a cause; an error raised while handling another
+    (``__context__``) is judged by itself."""
+    try:
+        try:
+            raise ConnectionError
+        except ConnectionError:
+            raise ValueError("bad input") from None
+    except ValueError as error:
+        assert not is_transient(error)
+
+
+def test_is_transient_stops_on_a_cause_cycle():
+    a, b = ValueError("a"), KeyError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert is_transient(a) is False
+
+
+# --- scoring_for_attempt ---------------------------------------------------------------------
+
+
+def test_scoring_for_attempt_halves_the_batch_budget_per_retry():
+    cfg = ScoringConfig(batch_max_tokens=8192, head_chunk_rows=64)
+    assert pipeline.scoring_for_attempt(cfg, 1) is cfg
+    second = pipeline.scoring_for_attempt(cfg, 2)
+    assert second.batch_max_tokens == 4096
+    assert pipeline.scoring_for_attempt(cfg, 3).batch_max_tokens == 2048  # a quarter
+    assert second.model_copy(update={"batch_max_tokens": 8192}) == cfg  # nothing else changes
+    assert cfg.batch_max_tokens == 8192  # the original is untouched
+
+
+def test_scoring_for_attempt_starts_from_the_cpu_default():
+    cfg = ScoringConfig(device="cpu")
+    assert cfg.batch_max_tokens is None
+    assert pipeline.scoring_for_attempt(cfg, 1).batch_max_tokens is None
+    assert pipeline.scoring_for_attempt(cfg, 2).batch_max_tokens == 2048
+    assert pipeline.scoring_for_attempt(cfg, 3).batch_max_tokens == 1024
+
+
+def test_scoring_for_attempt_never_goes_below_one_token():
+    cfg = ScoringConfig(batch_max_tokens=3)
+    assert pipeline.scoring_for_attempt(cfg, 2).batch_max_tokens == 1
+    assert pipeline.scoring_for_attempt(cfg, 20).batch_max_tokens == 1
+
+
+# --- traces ----------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_build_traces_rejects_an_item_from_two_sources(tmp_path):
+    extra = _write_jsonl(
+        tmp_path / "more.jsonl",
+        [
+            {"benchmark": "mine", "item_id": "0", "prompt": "q", "trace": "t"},
+            {"benchmark": "gsm8k", "item_id": "0", "prompt": "Janet?", "trace": "She sells 9."},
+        ],
+    )
+    cfg = TracesConfig(benchmarks=["gsm8k"], files=[str(extra)], limit_per_benchmark=5)
+    with pytest.raises(RbridgeError) as info:
+        pipeline.build_traces(cfg)
+    message = str(info.value)
+    assert "'0'" in message and "'gsm8k'" in message
+    assert "benchmark gsm8k" in message and str(extra) in message
+
+
+def test_build_traces_rejects_an_item_twice_in_one_file(tmp_path):
+    row = {"benchmark": "mine", "item_id": "7", "prompt": "q", "trace": "t"}
+    dup = _write_jsonl(tmp_path / "dup.jsonl", [row, row])
+    with pytest.raises(RbridgeError, match="'7'.*mine"):
+        pipeline.build_traces(TracesConfig(files=[str(dup)]))
+
+
+def test_build_traces_keeps_the_same_item_id_in_different_benchmarks(tmp_path):
+    extra = _write_jsonl(
+        tmp_path / "more.jsonl",
+        [{"benchmark": "mine", "item_id": "0", "prompt": "q", "trace": "t"}],
+    )
+    traces = pipeline.build_traces(
+        TracesConfig(benchmarks=["gsm8k"], files=[str(extra)], limit_per_benchmark=3)
+    )
+    assert [(t.benchmark, t.item_id) for t in traces] == [
+        ("gsm8k", "0"),
+        ("gsm8k", "1"),
+        ("gsm8k", "2"),
+        ("mine", "0"),
+    ]
+
+
+def test_stage_traces_writes_one_parquet_named_by_content(tmp_path):
+    cfg = TracesConfig(benchmarks=["gsm8k"], limit_per_benchmark=4)
+    cache = str(tmp_path / "cache")
+    ref = pipeline.stage_traces(cfg, cache)
+    path = Path(ref.uri)
+    assert path.parent == tmp_path / "cache" / "traces"
+    assert path.name == f"{ref.key[:24]}.parquet"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    assert (ref.n_items, ref.benchmarks) == (4, ["gsm8k"])
+    assert read_traces(path) == pipeline.build_traces(cfg)
+
+    # a second staging finds the file and does not rewrite it
+    os.utime(path, ns=(10**18, 10**18))
+    again = pipeline.stage_traces(cfg, cache)
+    assert again == ref
+    assert path.stat().st_mtime_ns == 10**18
+
+    # the key is the content, not the place or the config spelling
+    elsewhere = pipeline.stage_traces(cfg, str(tmp_path / "other"))
+    assert elsewhere.key == ref.key and elsewhere.uri != ref.uri
+    fewer = pipeline.stage_traces(cfg.model_copy(update={"limit_per_benchmark": 3}), cache)
+    assert fewer.key != ref.key
+    assert len(list(path.parent.iterdir())) == 2
+
+
+# --- run folder and summary ------------------------------------------------------------------
+
+
+def _rank_config(name: str = "demo") -> RankConfig:
+    return RankConfig(
+        name=name,
+        corpora=[CorpusConfig(name="a", paths=["a.txt"])],
+        traces=TracesConfig(benchmarks=["gsm8k"]),
+        proxy=ProxyConfig(tokenizer="tok.model", training=TrainingConfig(max_steps=1)),
+    )
+
+
+def test_run_folder_name():
+    now = datetime(2026, 1, 2, 3, 4, 5, 999, tzinfo=UTC)
+    cfg = _rank_config("weekly.v2")
+    assert pipeline.run_folder_name(cfg, now) == "weekly.v2-20260102T030405Z"
+    assert pipeline.run_folder_name(cfg, now, suffix="0f3c9a1b") == (
+        "weekly.v2-20260102T030405Z-0f3c9a1b"
+    )
+
+
+def test_run_folder_names_sort_by_time():
+    cfg = _rank_config()
+    start = datetime(2026, 9, 30, 23, 59, 59, tzinfo=UTC)
+    names = [pipeline.run_folder_name(cfg, start + timedelta(seconds=s)) for s in (0, 1, 3600)]
+    assert names == sorted(names) and len(set(names)) == 3
+
+
+def test_run_folder_name_defaults_to_now_in_utc():
+    before = datetime.now(UTC).replace(microsecond=0)
+    name = pipeline.run_folder_name(_rank_config())
+    after = datetime.now(UTC)
+    stamp = datetime.strptime(name.removeprefix("demo-"), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert before <= stamp <= after
+
+
+def test_run_folder_name_converts_to_utc():
+    local = datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    assert pipeline.run_folder_name(_rank_config(), local) == "demo-20260102T030405Z"
+
+
+def _ranking(rows: list[tuple[str, str, str, int, float]]) -> pa.Table:
+    keys = ("corpus", "benchmark", "metric", "rank", "value")
+    return pa.Table.from_pylist([dict(zip(keys, r)) for r in rows], schema=RANKING)
+
+
+def test_ranking_summary_is_wide_and_sorted_by_the_overall_rank():
+    ranking = _ranking(
+        [
+            ("a", "gsm8k", "trace_nll", 3, 2.5),
+            ("b", "gsm8k", "trace_nll", 1, 1.5),
+            ("c", "gsm8k", "trace_nll", 2, 2.0),
+            ("a", "csqa", "trace_nll", 2, 3.0),
+            ("b", "csqa", "trace_nll", 3, 3.5),
+            ("c", "csqa", "trace_nll", 1, 1.0),
+            ("a", "all", "trace_nll", 3, 2.75),
+            ("b", "all", "trace_nll", 2, 2.5),
+            ("c", "all", "trace_nll", 1, 1.5),
+            ("a", "all", "top5_acc", 1, 0.9),
+            ("b", "all", "top5_acc", 2, 0.8),
+            ("c", "all", "top5_acc", 3, 0.1),
+        ]
+    )
+    summary = pipeline.ranking_summary(ranking, "trace_nll")
+    expected = pl.DataFrame(
+        {"corpus": ["c", "b", "a"], "gsm8k": [2, 1, 3], "csqa": [1, 3, 2], "all": [1, 2, 3]}
+    )
+    assert summary.equals(expected)
+
+    top5 = pipeline.ranking_summary(ranking, "top5_acc")
+    assert top5.columns == ["corpus", "all"]
+    assert top5["corpus"].to_list() == ["a", "b", "c"]
+
+
+def test_ranking_summary_without_an_overall_rank_sorts_by_the_first_benchmark():
+    ranking = _ranking(
+        [
+            ("a", "gsm8k", "trace_nll", 2, 2.0),
+            ("b", "gsm8k", "trace_nll", 1, 1.0),
+            ("a", "csqa", "trace_nll", 1, 1.0),
+        ]
+    )
+    summary = pipeline.ranking_summary(ranking, "trace_nll")
+    assert summary.columns == ["corpus", "gsm8k", "csqa"]
+    assert summary["corpus"].to_list() == ["b", "a"]
+    assert summary["csqa"].to_list() == [None, 1]
+
+
+def test_ranking_summary_of_an_absent_metric_is_empty():
+    ranking = _ranking([("a", "all", "trace_nll", 1, 1.0)])
+    assert pipeline.ranking_summary(ranking, "answer_nll").is_empty()
+    assert pipeline.ranking_summary(RANKING.empty_table(), "trace_nll").is_empty()
