@@ -35,6 +35,13 @@ def write_outputs(
         table=rows,
         description=f"Corpus ranking on {metric} (rank 1 = best); run folder {run_dir}",
     )
+    scores = pl.from_arrow(pipeline.read_parquet(join(run_dir, "scores.parquet")))
+    headline = scores.filter(pl.col("metric").is_in(list(config.headline_metrics)))
+    create_table_artifact(
+        key=_artifact_key(config.name, "scores"),
+        table=headline.sort("benchmark", "metric", "corpus").to_dicts(),
+        description=f"Headline scores with bootstrap intervals over items; run folder {run_dir}",
+    )
     report = read_bytes(join(run_dir, "report.md")).decode()
     create_markdown_artifact(
         key=_artifact_key(config.name, "report"), markdown=report, description=run_dir

@@ -127,6 +127,22 @@ def test_corrupt_corpus_is_reported_and_the_others_ranked(tmp_path, prefect_serv
     report = (run / "report.md").read_text()
     assert "broken" in report and "part-0.parquet" in report
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    keys = ["test-ranking", "test-scores", "test-report"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            sort=ArtifactSort.UPDATED_DESC,
+            limit=50,
+        )
+    latest = {a.key: a for a in reversed(artifacts)}
+    assert set(latest) == set(keys)
+    assert "part-0.parquet" in latest["test-report"].data
+    assert "math" in str(latest["test-ranking"].data)
+
 
 def test_every_corpus_failing_fails_the_flow_but_writes_the_outputs(tmp_path, prefect_server):
     from flows.rank import RankingFailed, rank_corpora
