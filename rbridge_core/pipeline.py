@@ -417,9 +417,12 @@ def write_run(
     *,
     timings: dict[str, float] | None = None,
     extra: dict | None = None,
+    revision: str | None = None,
 ) -> dict:
     """Write a run folder: the three tables, report.md with plots, then manifest.json (last, so
-    its presence marks a complete run). Each file is written atomically. Returns the manifest."""
+    its presence marks a complete run). Each file is written atomically. ``revision`` names the
+    code's revision where there is no git checkout (an image built from one). Returns the
+    manifest."""
     from rbridge_core.ranking import rank_corpora
     from rbridge_core.report import render_report, write_report
 
@@ -442,7 +445,7 @@ def write_run(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.model_dump(mode="json"),
         "versions": package_versions(),
-        "git_revision": git_revision(),
+        "git_revision": revision or git_revision(),
         "traces": traces.model_dump(mode="json"),
         "corpora": {
             r.corpus: {

@@ -39,3 +39,26 @@ RANKING = pa.schema(
         pa.field("value", pa.float64()),
     ]
 )
+
+RANKING_HISTORY = pa.schema(
+    [
+        pa.field("night", pa.date32(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        *RANKING,
+    ]
+)
+
+RANK_DRIFT = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("night", pa.date32(), nullable=False),
+        pa.field("rank", pa.int64(), nullable=False),
+        pa.field("previous_night", pa.date32()),
+        pa.field("previous_rank", pa.int64()),
+        pa.field("rank_change", pa.int64()),  # previous_rank - rank: > 0 moved up
+        pa.field("value", pa.float64()),
+        pa.field("previous_value", pa.float64()),
+    ]
+)

@@ -1,5 +1,6 @@
 """Write the run folder and publish the ranking and report as Prefect artifacts."""
 
+import os
 import re
 
 import polars as pl
@@ -26,7 +27,11 @@ def write_outputs(
     failed: dict[str, str],
     timings: dict[str, float],
 ) -> dict:
-    manifest = pipeline.write_run(run_dir, config, traces, results, failed, timings=timings)
+    # images carry their source revision in the environment (docker/: GIT_REVISION build arg)
+    revision = os.environ.get("RBRIDGE_GIT_REVISION") or None
+    manifest = pipeline.write_run(
+        run_dir, config, traces, results, failed, timings=timings, revision=revision
+    )
     metric = config.headline_metrics[0]
     ranking = pl.from_arrow(pipeline.read_parquet(join(run_dir, "ranking.parquet")))
     rows = ranking.filter(pl.col("metric") == metric).sort("benchmark", "rank").to_dicts()

@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -83,21 +84,44 @@ def s3_bucket(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One real Prefect server (SQLite in a temporary folder) on 127.0.0.1 for the session.
-
-    Prefect's own test harness starts it in a subprocess and points this process's Prefect
-    settings at it; its URL is returned for child processes (workers, served flows).
-    """
+def prefect_server(tmp_path_factory):
+    """One real Prefect server (`prefect server start`, SQLite, with its UI) on 127.0.0.1 for the
+    session; this process's Prefect settings point at it, and its API URL is returned for child
+    processes (workers, served flows, a browser). Stopped by its PID at the end."""
     pytest.importorskip("prefect")
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    # no telemetry: there is no internet here, and its writes only contend for the SQLite lock
-    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield str(PREFECT_API_URL.value())
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        # no telemetry: there is no internet here, and its writes contend for the SQLite lock
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in the finally below
+    prefect_cli = str(Path(sys.executable).with_name("prefect"))
+    proc = subprocess.Popen(
+        [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_until_up(f"{api_url}/health", proc, timeout_s=180)
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server is up
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -370,3 +370,17 @@ def test_scoring_given_checkpoints_without_training(tmp_path, prefect_server):
     # the ladder's last checkpoint (most train tokens) is the one ranked; it equals the shipped one
     tie = ranking.filter((pl.col("benchmark") == "all") & (pl.col("metric") == "trace_nll"))
     assert sorted(tie["rank"]) == [1, 1]
+
+
+def test_nightly_ranking_appends_one_ranking_per_night(tmp_path, prefect_server):
+    from flows.nightly import nightly_ranking
+
+    corpora = _copy_corpora(tmp_path, ["math", "fiction"])
+    cfg = _config(tmp_path, corpora, steps=20)
+    first = nightly_ranking(cfg, timezone="Europe/Paris")
+    second = nightly_ranking(cfg, timezone="Europe/Paris")  # same night, served from the cache
+    history = pl.read_parquet(second["history"])
+    assert history["night"].n_unique() == 1 and set(history["run"]) == {second["run"]}
+    assert first["run"] != second["run"]
+    drift = pl.read_parquet(second["rank_drift"])
+    assert set(drift["corpus"]) == {"math", "fiction"} and drift["previous_rank"].is_null().all()
