@@ -38,6 +38,7 @@ def _config(
             "preset": "tiny",
             "tokenizer": str(EXAMPLES / "tokenizers/tok512/tok512.model"),
             "max_position_embeddings": 1024,
+            "repeat_corpus": True,
             "training": {
                 "max_steps": steps,
                 "seq_len_tokens": 64,
