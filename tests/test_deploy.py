@@ -113,7 +113,9 @@ def test_invalid_parameters_are_rejected_naming_the_field(deployed, prefect_serv
         response = _create_flow_run(api, deployed["rank-corpora"]["id"], {"config": bad})
     assert response.status_code in (409, 422), response.text
     detail = response.text
-    assert "preset" in detail and "2B" in detail, detail
+    # e.g. "Validation failed for field 'config.proxy.preset'. Failure reason: '2B' is not one
+    # of ['tiny', '4M', ...]"
+    assert "config.proxy.preset" in detail and "'2B'" in detail and "'1B'" in detail, detail
 
 
 def test_ui_run_button_runs_the_ranking_on_a_process_worker(deployed, prefect_server, tmp_path):
