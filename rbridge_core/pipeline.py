@@ -242,10 +242,32 @@ def _proxy_ref(corpus: str, uri: str, key: str, trained: bool, seconds: float) -
     )
 
 
-def train_corpus(corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str) -> ProxyRef:
+def training_for_attempt(proxy: ProxyConfig, attempt: int) -> ProxyConfig:
+    """The proxy config of retry ``attempt`` (1-based): each retry halves the micro-batch and
+    doubles gradient accumulation, so a CUDA out-of-memory failure retries with a smaller batch
+    while every optimizer step still sees the same tokens (and resumes at the same row)."""
+    training = proxy.training
+    factor = 2 ** (attempt - 1)
+    if attempt <= 1 or training.batch_size < factor:
+        return proxy
+    smaller = training.model_copy(
+        update={
+            "batch_size": training.batch_size // factor,
+            "grad_accum_steps": training.grad_accum_steps * factor,
+        }
+    )
+    if smaller.tokens_per_step() != training.tokens_per_step():  # batch not divisible: keep it
+        return proxy
+    return proxy.model_copy(update={"training": smaller})
+
+
+def train_corpus(
+    corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str, attempt: int = 1
+) -> ProxyRef:
     """Train ``corpus``'s proxy into ``cache_dir/proxies/<name>-<key>``, or reuse it if complete.
 
-    An interrupted earlier attempt resumes from its own latest checkpoint.
+    An interrupted earlier attempt resumes from its own latest checkpoint; retry ``attempt``
+    trains with a smaller micro-batch (``training_for_attempt``).
     """
     from rbridge_core.checkpoints import FINAL_DIR, final_is_complete
     from rbridge_core.proxy import train_proxy
@@ -256,6 +278,7 @@ def train_corpus(corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: 
         logger.info("corpus %s: proxy found in the cache at %s", corpus.name, final)
         return _proxy_ref(corpus.name, final, key, trained=False, seconds=0.0)
     t0 = time.perf_counter()
+    proxy = training_for_attempt(proxy, attempt)
     train_proxy(
         corpus.spec(),
         proxy.tokenizer,

@@ -45,9 +45,10 @@ class Distributed:
 class CorpusBatches:
     """Resumable batches [batch_size, seq_len + 1] (int64) from a corpus stream.
 
-    The position is the number of batches handed out; resuming re-streams the corpus with the
-    same seed and skips that many batches, so the next batch is exactly the one an
-    uninterrupted run would have seen (re-tokenizing the skipped part costs time, not state).
+    The position is the number of blocks (rows) handed out; resuming re-streams the corpus with
+    the same seed and skips that many blocks, so the next rows are exactly the ones an
+    uninterrupted run would have seen, even when the batch size changed in between (a retry
+    after running out of memory halves it). Re-tokenizing the skipped part costs time, not state.
     """
 
     spec: CorpusSpec
@@ -60,13 +61,13 @@ class CorpusBatches:
     repeat: bool = False
     rank: int = 0
     world_size: int = 1
-    consumed: int = 0
+    consumed_blocks: int = 0
 
     def state_dict(self) -> dict:
-        return {"batches": self.consumed}
+        return {"blocks": self.consumed_blocks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["batches"])
+        self.consumed_blocks = int(state["blocks"])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         blocks = iter_token_blocks(
@@ -79,18 +80,15 @@ class CorpusBatches:
             repeat=self.repeat,
         )
         blocks = shuffled_blocks(blocks, self.shuffle_buffer, self.seed)
-        skip = self.consumed
         rows: list[np.ndarray] = []
-        for block in blocks:
+        for i, block in enumerate(blocks):
+            if i < self.consumed_blocks:
+                continue
             rows.append(block)
-            if len(rows) < self.batch_size:
-                continue
-            batch, rows = np.stack(rows), []
-            if skip:
-                skip -= 1
-                continue
-            self.consumed += 1
-            yield torch.from_numpy(batch.astype(np.int64))
+            if len(rows) == self.batch_size:
+                batch, rows = np.stack(rows), []
+                self.consumed_blocks += self.batch_size
+                yield torch.from_numpy(batch.astype(np.int64))
 
 
 def train_proxy(

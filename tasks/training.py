@@ -2,6 +2,7 @@
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from rbridge_core import pipeline
 from rbridge_core.config import CorpusConfig, ProxyConfig
@@ -33,7 +34,8 @@ def _train_cache_key(context, parameters) -> str:
 def train_proxy(
     corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str
 ) -> pipeline.ProxyRef:
-    ref = pipeline.train_corpus(corpus, proxy, cache_dir, key)
+    # a retry (say after CUDA out of memory) trains with half the micro-batch, same tokens/step
+    ref = pipeline.train_corpus(corpus, proxy, cache_dir, key, attempt=task_run.run_count)
     verb = "trained" if ref.trained else "reused"
     get_run_logger().info(
         "%s the %s proxy of %s (%s tokens): %s", verb, proxy.preset, corpus.name,

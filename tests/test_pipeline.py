@@ -497,3 +497,13 @@ def test_ranking_summary_of_an_absent_metric_is_empty():
     ranking = _ranking([("a", "all", "trace_nll", 1, 1.0)])
     assert pipeline.ranking_summary(ranking, "answer_nll").is_empty()
     assert pipeline.ranking_summary(RANKING.empty_table(), "trace_nll").is_empty()
+
+
+def test_training_for_attempt_halves_the_micro_batch_keeping_tokens_per_step():
+    proxy = _proxy()  # batch 16, accumulation 1
+    assert pipeline.training_for_attempt(proxy, 1) is proxy
+    third = pipeline.training_for_attempt(proxy, 3).training
+    assert (third.batch_size, third.grad_accum_steps) == (4, 4)
+    assert third.tokens_per_step() == proxy.training.tokens_per_step()
+    odd = _proxy(training=_training(batch_size=3))
+    assert pipeline.training_for_attempt(odd, 2) is odd  # cannot halve 3 rows evenly

@@ -94,3 +94,20 @@ def test_corpus_smaller_than_budget_says_so_and_how_to_repeat(tmp_path):
     code, lines = _train_cli(tmp_path, small, "--tokens", "3000", "--repeat")
     assert code == 0, lines
     assert (tmp_path / "r" / "final" / "meta.json").is_file()
+
+
+def test_resume_with_half_the_micro_batch_continues_at_the_same_rows(tmp_path):
+    """A retry after running out of memory: half the micro-batch, twice the accumulation."""
+    from rbridge_core.config import ProxyConfig
+    from rbridge_core.pipeline import training_for_attempt
+
+    spec = CorpusSpec("wikitext", (str(WIKITEXT),))
+    full = train_proxy(spec, TOK512, model_preset("tiny"), CFG, tmp_path / "a")
+    train_proxy(spec, TOK512, model_preset("tiny"), CFG, tmp_path / "b", stop_at_step=4)
+    retry = training_for_attempt(ProxyConfig(tokenizer=str(TOK512), training=CFG), 2).training
+    assert (retry.batch_size, retry.grad_accum_steps) == (4, 2)
+    assert retry.tokens_per_step() == CFG.tokens_per_step()
+    resumed = train_proxy(spec, TOK512, model_preset("tiny"), retry, tmp_path / "b", resume=True)
+    # same rows in the same steps; only the float summation order differs
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-4)
+    assert resumed.tokens_seen == full.tokens_seen
