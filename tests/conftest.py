@@ -31,6 +31,15 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) ->
     raise RuntimeError(f"no server at {url} after {timeout_s}s")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server in its own process, as s3fs's own tests run it; its URL.
@@ -64,12 +73,7 @@ def s3_endpoint():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @pytest.fixture
@@ -117,11 +121,8 @@ def prefect_server(tmp_path_factory):
     finally:
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server is up
-        proc.terminate()
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server is up
+        finally:
+            _stop(proc)
+            log.close()
