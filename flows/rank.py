@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from rbridge_core import pipeline
 from rbridge_core.config import CorpusConfig, RankConfig
 from rbridge_core.errors import RbridgeError
-from rbridge_core.storage import join, read_bytes, write_bytes_atomic
+from rbridge_core.storage import is_url, join, read_bytes, write_bytes_atomic
 from tasks import (
     configured,
     corpus_key,
@@ -154,6 +154,12 @@ def rank_corpora(config: RankConfig) -> dict:
         config.traces, config.cache_dir
     )
     in_process = config.execution.mode == "in_process"
+    if not in_process and not is_url(config.cache_dir):
+        logger.warning(
+            "cluster mode with a local cache (%s): workers on other machines cannot share it; "
+            "set output (or cache) to an s3:// location",
+            config.cache_dir,
+        )
     width = config.execution.max_concurrency if in_process else len(config.corpora)
     states = _fan_out(config, traces, run_id, width)
     results, failed = [], {}

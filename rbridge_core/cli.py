@@ -277,12 +277,20 @@ def _run_ranking(cfg) -> None:
         raise RbridgeError(str(err)) from None
     run_dir = manifest["run"]
     metric = cfg.headline_metrics[0]
-    summary = ranking_summary(read_parquet(join(run_dir, "ranking.parquet")), metric)
-    table = Table(title=f"corpus ranks on {metric} (1 = best)")
-    for col in summary.columns:
+    ranking = read_parquet(join(run_dir, "ranking.parquet"))
+    summary = ranking_summary(ranking, metric)
+    overall = {
+        r["corpus"]: r["value"]
+        for r in ranking.to_pylist()
+        if r["metric"] == metric and r["benchmark"] == "all"
+    }
+    table = Table(title=f"corpus ranks on {metric} (1 = best; value: mean over benchmarks)")
+    for col in [*summary.columns, "value"]:
         table.add_column(col)
     for row in summary.iter_rows():
-        table.add_row(*["-" if v is None else str(v) for v in row])
+        value = overall.get(row[0])
+        cells = ["-" if v is None else str(v) for v in row]
+        table.add_row(*cells, "-" if value is None else f"{value:.4f}")
     Console().print(table)
     for name, error in manifest["failed"].items():
         console.print(f"[bold red]failed:[/] {name}: {error}", highlight=False, soft_wrap=True)
