@@ -36,23 +36,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Everything runs offline: no hub look-ups from transformers.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchenv  # first: offline mode and import paths, before torch/transformers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
+REPO_ROOT = benchenv.REPO_ROOT
 EXAMPLES = REPO_ROOT / "rbridge_core" / "examples"
+
 CORPORA = {
     "math": "corpora/math/gsm8k_train_solutions.jsonl",
     "fiction": "corpora/fiction/tinyshakespeare_head.txt",
@@ -61,20 +55,6 @@ CORPORA = {
     "code": "corpora/code/python_stdlib_head.jsonl",
 }
 TOKENIZER = EXAMPLES / "tokenizers" / "tok512" / "tok512.model"
-
-
-def machine_info() -> dict:
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "load_average_1m": os.getloadavg()[0],
-    }
 
 
 def rank_config(args, root: Path, name: str):
@@ -291,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         warm_imports()
-        machine = machine_info()
+        machine = benchenv.machine_info()
         print(
             f"bench_flow: {len(args.corpora)} corpora ({', '.join(args.corpora)}), tiny proxy, "
             f"{args.steps} steps of {args.batch}x{args.seq}, gsm8k x {args.limit}, "

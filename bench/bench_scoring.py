@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -35,18 +34,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Everything runs offline: no hub look-ups from transformers, datasets or lm-eval.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # tinylm: tiny real models
-sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from tinylm import (  # noqa: E402
+import benchenv  # first: offline mode and import paths, before torch/transformers
+import torch
+from tinylm import (
     n_params,
     neox_tokenizer,
     random_tiny_lm,
@@ -54,9 +44,9 @@ from tinylm import (  # noqa: E402
     tok512_tokenizer,
 )
 
-from rbridge_core.config import ScoringConfig  # noqa: E402
-from rbridge_core.templates import template_for  # noqa: E402
-from rbridge_core.traces import Trace  # noqa: E402
+from rbridge_core.config import ScoringConfig
+from rbridge_core.templates import template_for
+from rbridge_core.traces import Trace
 
 GSM8K_TEST = "benchmarks/gsm8k/test.jsonl"
 MEMORY_BATCH = 16
@@ -356,17 +346,6 @@ def print_table(results: list[dict]) -> None:
         )
 
 
-def machine_info() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "load_average_1m": os.getloadavg()[0],
-    }
-
-
 def engine_config(args) -> ScoringConfig:
     """The engine's config: the library defaults on CPU, unless the flags override them."""
     overrides = {"device": "cpu"}
@@ -382,7 +361,7 @@ def throughput_main(args) -> dict:
     repeats = 1 if args.quick and args.repeats is None else (args.repeats or 3)
     traces = gsm8k_traces(n_items)
     config = engine_config(args)
-    info = machine_info()
+    info = benchenv.machine_info()
     print(f"machine: {info}")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_scoring_") as tmp:
@@ -563,7 +542,12 @@ def memory_main(args) -> dict:
         "  over the body-only floor: "
         + ", ".join(f"{c['case']} {c['peak_over_body_mb']:+.0f} MB" for c in cases)
     )
-    return {"mode": "memory", "machine": machine_info(), "head_chunk_mb": chunk_mb, "cases": cases}
+    return {
+        "mode": "memory",
+        "machine": benchenv.machine_info(),
+        "head_chunk_mb": chunk_mb,
+        "cases": cases,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

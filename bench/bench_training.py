@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import os
-import platform
 import random
 import resource
 import shutil
@@ -44,42 +43,20 @@ import tempfile
 import time
 from pathlib import Path
 
-# Everything runs offline: no hub look-ups from transformers or datasets.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchenv  # first: offline mode and import paths, before torch/transformers
+import torch
+import torch.nn.functional as F
+import transformers
+from tinylm import shared_data_dir, tok512_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # tinylm: shared tokenizers
-sys.path.insert(0, str(REPO_ROOT))
-
-import logging  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from tinylm import shared_data_dir, tok512_tokenizer  # noqa: E402
-
-from rbridge_core.corpora import CorpusSpec, iter_token_blocks  # noqa: E402
-from rbridge_core.models import ModelConfig, build_model, model_preset  # noqa: E402
-from rbridge_core.tokenizer import load_tokenizer  # noqa: E402
-from rbridge_core.training import TrainingConfig, train  # noqa: E402
+from rbridge_core.corpora import CorpusSpec, iter_token_blocks
+from rbridge_core.models import ModelConfig, build_model, model_preset
+from rbridge_core.tokenizer import load_tokenizer
+from rbridge_core.training import TrainingConfig, train
 
 SEQ_LEN = 256
 BATCH = 16
 NEOX_TOKENIZER = "tokenizers/gpt_neox_olmo/tokenizer.json"
-
-
-def machine_info() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "load_average_1m": os.getloadavg()[0],
-    }
 
 
 def data_dir() -> Path:
@@ -273,7 +250,7 @@ def throughput_main(args) -> dict:
     print("  (target: >= 10x)")
     return {
         "mode": "throughput",
-        "machine": machine_info(),
+        "machine": benchenv.machine_info(),
         "training": training,
         "pipeline": pipeline,
     }
@@ -356,7 +333,12 @@ def memory_main(args) -> dict:
         f"  peak growth {cases[0]['size_mb']} MB -> {cases[-1]['size_mb']} MB corpus: "
         f"{growth:+.0f} MB (flat: about 0)"
     )
-    return {"mode": "memory", "machine": machine_info(), "cases": cases, "peak_growth_mb": growth}
+    return {
+        "mode": "memory",
+        "machine": benchenv.machine_info(),
+        "cases": cases,
+        "peak_growth_mb": growth,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
