@@ -10,6 +10,7 @@ never repeats work; the Prefect cache on top only saves the lookup.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -113,8 +115,9 @@ def digest(*parts) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def code_fingerprint(files: Sequence[str]) -> str:
-    """Hash of the package source files a step's results depend on."""
+@functools.cache
+def code_fingerprint(files: tuple[str, ...]) -> str:
+    """Hash of the package source files a step's results depend on (read once per process)."""
     h = hashlib.sha256()
     for name in files:
         h.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes())
@@ -431,6 +434,16 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
+@dataclass(frozen=True)
+class RunOutputs:
+    """What ``write_run`` wrote, kept in memory for callers that publish it (artifacts)."""
+
+    manifest: dict
+    scores: pa.Table
+    ranking: pa.Table
+    report_markdown: str
+
+
 def write_run(
     run_dir: str,
     config: RankConfig,
@@ -441,11 +454,10 @@ def write_run(
     timings: dict[str, float] | None = None,
     extra: dict | None = None,
     revision: str | None = None,
-) -> dict:
+) -> RunOutputs:
     """Write a run folder: the three tables, report.md with plots, then manifest.json (last, so
     its presence marks a complete run). Each file is written atomically. ``revision`` names the
-    code's revision where there is no git checkout (an image built from one). Returns the
-    manifest."""
+    code's revision where there is no git checkout (an image built from one)."""
     from rbridge_core.ranking import rank_corpora
     from rbridge_core.report import render_report, write_report
 
@@ -486,7 +498,7 @@ def write_run(
         "files": [*RUN_FILES, *sorted(report.images)],
     }
     write_bytes_atomic(join(run_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    return manifest
+    return RunOutputs(manifest, scores, ranking, report.markdown)
 
 
 def ranking_summary(ranking: pa.Table, metric: str) -> pl.DataFrame:

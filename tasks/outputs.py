@@ -10,7 +10,6 @@ from prefect.cache_policies import NO_CACHE
 
 from rbridge_core import pipeline
 from rbridge_core.config import RankConfig
-from rbridge_core.storage import join, read_bytes
 from tasks.policies import retry_transient
 
 
@@ -29,29 +28,30 @@ def write_outputs(
 ) -> dict:
     # images carry their source revision in the environment (docker/: GIT_REVISION build arg)
     revision = os.environ.get("RBRIDGE_GIT_REVISION") or None
-    manifest = pipeline.write_run(
+    outputs = pipeline.write_run(
         run_dir, config, traces, results, failed, timings=timings, revision=revision
     )
     metric = config.headline_metrics[0]
-    ranking = pl.from_arrow(pipeline.read_parquet(join(run_dir, "ranking.parquet")))
+    ranking = pl.from_arrow(outputs.ranking)
     rows = ranking.filter(pl.col("metric") == metric).sort("benchmark", "rank").to_dicts()
     create_table_artifact(
         key=_artifact_key(config.name, "ranking"),
         table=rows,
         description=f"Corpus ranking on {metric} (rank 1 = best); run folder {run_dir}",
     )
-    scores = pl.from_arrow(pipeline.read_parquet(join(run_dir, "scores.parquet")))
+    scores = pl.from_arrow(outputs.scores)
     headline = scores.filter(pl.col("metric").is_in(list(config.headline_metrics)))
     create_table_artifact(
         key=_artifact_key(config.name, "scores"),
         table=headline.sort("benchmark", "metric", "corpus").to_dicts(),
         description=f"Headline scores with bootstrap intervals over items; run folder {run_dir}",
     )
-    report = read_bytes(join(run_dir, "report.md")).decode()
     create_markdown_artifact(
-        key=_artifact_key(config.name, "report"), markdown=report, description=run_dir
+        key=_artifact_key(config.name, "report"),
+        markdown=outputs.report_markdown,
+        description=run_dir,
     )
     get_run_logger().info(
         "wrote %s: %d corpora ranked, %d failed", run_dir, len(results), len(failed)
     )
-    return manifest
+    return outputs.manifest

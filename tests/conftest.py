@@ -1,43 +1,14 @@
-"""Shared fixtures: a real S3-compatible server (moto in server mode) on 127.0.0.1."""
+"""Shared fixtures: a real S3-compatible server (moto in server mode) and a real Prefect server,
+each on 127.0.0.1, one per test session."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server at {url} exited with code {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"no server at {url} after {timeout_s}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+from processes import free_port, stop, wait_until_up
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +20,7 @@ def s3_endpoint():
     """
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -64,7 +35,7 @@ def s3_endpoint():
     }
     saved = {k: os.environ.get(k) for k in env}
     try:
-        _wait_until_up(url, proc)
+        wait_until_up(url, proc)
         os.environ.update(env)
         yield url
     finally:
@@ -73,7 +44,7 @@ def s3_endpoint():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture
@@ -96,7 +67,7 @@ def prefect_server(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -115,7 +86,7 @@ def prefect_server(tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_until_up(f"{api_url}/health", proc, timeout_s=180)
+        wait_until_up(f"{api_url}/health", proc, timeout_s=180)
         with temporary_settings({PREFECT_API_URL: api_url}):
             yield api_url
     finally:
@@ -124,5 +95,5 @@ def prefect_server(tmp_path_factory):
         try:
             APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server is up
         finally:
-            _stop(proc)
+            stop(proc)
             log.close()

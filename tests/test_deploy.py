@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from processes import stop
 
 from rbridge_core.config import RankConfig, demo_config
 
@@ -163,12 +164,7 @@ def test_ui_run_button_runs_the_ranking_on_a_process_worker(deployed, prefect_se
         (run,) = (tmp_path / "ui-runs").glob("ui-test-*")
         assert (run / "ranking.parquet").is_file() and (run / "manifest.json").is_file()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop(worker)
 
 
 # --- the UI in a browser --------------------------------------------------------------------------

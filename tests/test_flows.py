@@ -14,6 +14,7 @@ import fsspec
 import polars as pl
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from processes import stop
 
 from rbridge_core.config import RankConfig, demo_config
 
@@ -301,12 +302,7 @@ def test_cluster_mode_runs_one_child_flow_run_per_corpus(tmp_path, prefect_serve
         assert all(run.deployment_id == deployment.id for run in children)
         assert all(run.state.is_completed() for run in children)
     finally:
-        runner.terminate()
-        try:
-            runner.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            runner.kill()
-            runner.wait()
+        stop(runner)
 
 
 def test_cli_rank_prints_the_ranking_and_where_the_files_are(tmp_path, prefect_server):
