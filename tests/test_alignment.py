@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from shared_data import require_shared
 
 from rbridge_core.alignment import (
     char_confidences,
@@ -21,7 +21,6 @@ from rbridge_core.alignment import (
 )
 from rbridge_core.errors import TracesError
 
-TOKENIZERS_DIR = Path("/work/shared/data/tokenizers")
 EXAMPLES = settings(max_examples=50, deadline=None)
 
 
@@ -259,12 +258,16 @@ def proxy_tokenizers(tmp_path_factory) -> dict:
     """name -> function(text) -> offsets [n_tokens, 2] (no special tokens)."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
-    neox = tokenizers.Tokenizer.from_file(str(TOKENIZERS_DIR / "gpt_neox_olmo/tokenizer.json"))
+    neox = tokenizers.Tokenizer.from_file(
+        str(require_shared("tokenizers/gpt_neox_olmo/tokenizer.json"))
+    )
     gpt2 = tokenizers.ByteLevelBPETokenizer(
-        str(TOKENIZERS_DIR / "gpt2_bpe/vocab.json"), str(TOKENIZERS_DIR / "gpt2_bpe/merges.txt")
+        str(require_shared("tokenizers/gpt2_bpe/vocab.json")),
+        str(require_shared("tokenizers/gpt2_bpe/merges.txt")),
     )
     sp_dir = tmp_path_factory.mktemp("tok512")
-    shutil.copy(TOKENIZERS_DIR / "tinystories_tok512/tok512.model", sp_dir / "tokenizer.model")
+    sp_model = require_shared("tokenizers/tinystories_tok512/tok512.model")
+    shutil.copy(sp_model, sp_dir / "tokenizer.model")
     sp = transformers.LlamaTokenizer.from_pretrained(str(sp_dir))
 
     def sp_offsets(text: str) -> list:

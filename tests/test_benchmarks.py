@@ -1,10 +1,9 @@
-"""Benchmark loaders on the shipped slices (and the full shared data when present); templates."""
+"""Benchmark loaders on the shipped slices and the full shared data (../shared/data); templates."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from shared_data import SHARED_DATA, require_shared
 
 from rbridge_core.benchmarks import (
     BENCHMARK_NAMES,
@@ -15,11 +14,6 @@ from rbridge_core.benchmarks import (
 from rbridge_core.errors import RbridgeError
 from rbridge_core.templates import PromptTemplate, known_benchmarks, template_for
 from rbridge_core.traces import read_traces, traces_to_table, validate_table
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "benchmarks").is_dir(), reason=f"no full data copy at {SHARED_DATA}"
-)
 
 SLICE_SIZES = {
     "gsm8k": 200,
@@ -191,16 +185,17 @@ def test_shipped_slices_carry_their_source_and_stay_small():
     assert total < 1_500_000
 
 
-@needs_shared_data
 def test_full_data_loads_every_benchmark():
+    require_shared("benchmarks")
     for name in BENCHMARK_NAMES:
         traces = load_benchmark(name, data_dir=SHARED_DATA)
         assert len(traces) == FULL_SIZES[name], name
 
 
-@needs_shared_data
 @pytest.mark.parametrize("name", ["gsm8k", "commonsenseqa"])
 def test_full_gpt4o_mini_items_coincide_with_the_plain_loader(name):
+    require_shared("benchmarks")
+    require_shared("traces/gpt4o-mini")
     plain = load_benchmark(name, data_dir=SHARED_DATA)
     frontier = load_benchmark(f"{name}_gpt4o_mini", data_dir=SHARED_DATA)
     assert [(t.item_id, t.prompt, t.answer) for t in frontier] == [
@@ -208,8 +203,8 @@ def test_full_gpt4o_mini_items_coincide_with_the_plain_loader(name):
     ]
 
 
-@needs_shared_data
 def test_full_mmlu_pro_uses_the_answer_letter():
+    require_shared("benchmarks/mmlu_pro")
     traces = {t.item_id: t for t in load_benchmark("mmlu_pro_stem", data_dir=SHARED_DATA)}
     # question 3983: answer "C" (N—H) but answer_index 1 upstream; the letter is right.
     assert traces["3983"].answer == "C" and traces["3983"].trace == "C. N—H"

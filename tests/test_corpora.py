@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shared_data import require_shared
 
 from rbridge_core.corpora import (
     CorpusError,
@@ -25,20 +26,10 @@ from rbridge_core.corpora import (
 from rbridge_core.errors import ModelLoadError
 from rbridge_core.tokenizer import load_tokenizer
 
-DATA = Path("/work/shared/data")
-TOK = DATA / "tokenizers"
-CORPORA = DATA / "corpora"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} absent")
-    return path
-
 
 @pytest.fixture(scope="module")
 def tok512():
-    return load_tokenizer(need(TOK / "tinystories_tok512" / "tok512.model"))
+    return load_tokenizer(require_shared("tokenizers/tinystories_tok512/tok512.model"))
 
 
 def spec(*paths, **kw) -> CorpusSpec:
@@ -94,11 +85,13 @@ def test_long_text_document_is_cut_at_line_boundaries(tmp_path, monkeypatch):
 
 
 def test_real_corpora_slices():
-    wiki = list(iter_documents(spec(need(CORPORA / "wikitext2" / "valid.txt"))))
+    wiki = list(iter_documents(spec(require_shared("corpora/wikitext2/valid.txt"))))
     assert len(wiki) > 100 and wiki[0].strip() == "= Homarus gammarus ="
-    code = iter_documents(spec(need(CORPORA / "python_code" / "cpython_3.11.7_Lib_sample.jsonl")))
+    code = iter_documents(
+        spec(require_shared("corpora/python_code/cpython_3.11.7_Lib_sample.jsonl"))
+    )
     assert '"""Record of phased-in' in next(code)
-    web = sorted((need(CORPORA / "web")).glob("*.json*"))
+    web = sorted(require_shared("corpora/web").glob("*.json*"))
     docs = list(iter_documents(spec(*web)))
     assert len(docs) == 60 and all(isinstance(d, str) and d for d in docs)
 
@@ -272,7 +265,7 @@ def test_streaming_a_50mb_jsonl_keeps_memory_flat(tmp_path):
 def test_load_tokenizer_kinds(rel, eos):
     from transformers import PreTrainedTokenizerFast
 
-    tok = load_tokenizer(need(TOK / rel))
+    tok = load_tokenizer(require_shared(f"tokenizers/{rel}"))
     assert isinstance(tok, PreTrainedTokenizerFast)
     assert tok.eos_token == eos and tok.pad_token_id == tok.eos_token_id is not None
     ids = tok("Once upon a time", add_special_tokens=False)["input_ids"]

@@ -6,14 +6,16 @@ GSM8K *test* traces, the maths model must have the lower ``trace_nll`` and ``rbr
 clear margin. Observed margins (fiction minus maths, nats per trace token, 50 items, 150 steps):
 2.12, 1.97, 2.14 for seeds 0, 1, 2 (math ~3.2, fiction ~5.3); the test asks for 1.0.
 
-Needs the shared data folder beside the repository (``../shared/data``); skips without it.
+Needs the shared data folder beside the repository (``../shared/data``); skips without it, and
+fails without it under ``CI=true``.
 """
 
 import json
 import re
 
 import pytest
-from tinylm import read_train_log, shared_data_dir, train_tiny_lm
+from shared_data import SHARED_DATA, require_shared
+from tinylm import read_train_log, train_tiny_lm
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +30,16 @@ GSM8K_TEST = "benchmarks/gsm8k/test.jsonl"
 FICTION = "corpora/fiction_gutenberg/tinyshakespeare.txt"
 
 
-def _data_file(relative: str):
-    data = shared_data_dir()
-    if data is None or not (data / relative).is_file():
-        pytest.skip(f"{relative} not found under ../shared/data beside the repository")
-    return data / relative
-
-
 def _math_documents() -> list[str]:
     """GSM8K train questions + solutions, without the ``<<48/2=24>>`` calculator annotations
     (the gsm8k loader strips them from the scored traces too)."""
-    lines = _data_file(GSM8K_TRAIN).read_text(encoding="utf-8").splitlines()
+    lines = require_shared(GSM8K_TRAIN).read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [row["question"] + "\n" + re.sub(r"<<[^>]*>>", "", row["answer"]) for row in rows]
 
 
 def _fiction_documents() -> list[str]:
-    text = _data_file(FICTION).read_text(encoding="utf-8")
+    text = require_shared(FICTION).read_text(encoding="utf-8")
     return [part for part in text.split("\n\n") if part.strip()]
 
 
@@ -64,8 +59,8 @@ def trained(tmp_path_factory):
     from rbridge_core.scoring import load_model_dir, score_traces
 
     corpora = {"math": _math_documents(), "fiction": _fiction_documents()}
-    _data_file(GSM8K_TEST)
-    traces = load_benchmark("gsm8k", data_dir=shared_data_dir(), limit=N_ITEMS)
+    require_shared(GSM8K_TEST)
+    traces = load_benchmark("gsm8k", data_dir=SHARED_DATA, limit=N_ITEMS)
     assert len(traces) == N_ITEMS
     config = ScoringConfig(device="cpu", bootstrap_samples=200)
     out = {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from pydantic import ValidationError
+from shared_data import require_shared
 
 from rbridge_core.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from rbridge_core.errors import ConfigError, RbridgeError
@@ -245,18 +245,13 @@ def test_resume_without_load_data_state_is_refused(tmp_path):
 
 # --- a real text slice -----------------------------------------------------------------------
 
-TEXT = Path(__file__).resolve().parents[2] / "shared/data/corpora/tinystories"
-
 
 @pytest.mark.slow
 def test_tiny_model_learns_real_text_and_final_folder_loads(tmp_path):
-    files = sorted(TEXT.glob("*.txt")) if TEXT.is_dir() else []
-    if not files:
-        pytest.skip(f"no TinyStories text under {TEXT}")
     from tinylm import pack_tokens, tok512_tokenizer
 
     tokenizer = tok512_tokenizer()
-    text = (TEXT / "tinystories_validation_100.txt").read_text()
+    text = require_shared("corpora/tinystories/tinystories_validation_100.txt").read_text()
     stories = [s for s in text.split("\n\n") if s.strip()]
     stream = pack_tokens(stories, tokenizer)
     n_rows = len(stream) // (SEQ + 1)

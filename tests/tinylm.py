@@ -12,7 +12,8 @@ shapes and feeds in-memory text.
   ``read_train_log(out_dir)`` gives its losses.
 - ``random_tiny_lm(out_dir, tokenizer, hidden=..., layers=...)``: an untrained Llama of any shape.
 
-The data lives in ``../shared/data`` beside the repository (``shared_data_dir()``).
+The data lives in ``../shared/data`` beside the repository (``shared_data_dir()``); a missing
+tokenizer skips the calling test, or fails it under ``CI=true`` (``shared_data.require_shared``).
 """
 
 from __future__ import annotations
@@ -25,29 +26,18 @@ from pathlib import Path
 
 import torch
 import transformers
+from shared_data import SHARED_DATA, require_shared
 
 from rbridge_core.models import ModelConfig, build_model, count_parameters
 from rbridge_core.tokenizer import load_tokenizer
 from rbridge_core.training import TrainingConfig, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_LOG_NAME = "train_log.json"
 
 
 def shared_data_dir() -> Path | None:
     """``../shared/data`` beside the repository root, or None when the clone has no such folder."""
-    path = REPO_ROOT.parent / "shared" / "data"
-    return path if path.is_dir() else None
-
-
-def _require_shared_file(relative: str) -> Path:
-    data = shared_data_dir()
-    if data is None or not (data / relative).is_file():
-        raise FileNotFoundError(
-            f"{relative} not found under {REPO_ROOT.parent / 'shared' / 'data'}; "
-            "the tiny-model helpers need the shared data folder beside the repository"
-        )
-    return data / relative
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,7 +47,7 @@ def tok512_tokenizer() -> transformers.PreTrainedTokenizerFast:
     bos ``<s>`` = 1, eos ``</s>`` = 2, pad = eos, no BOS/EOS added by default. Cached: every
     caller gets the same object, so do not mutate it.
     """
-    tokenizer = load_tokenizer(_require_shared_file("tokenizers/tinystories_tok512/tok512.model"))
+    tokenizer = load_tokenizer(require_shared("tokenizers/tinystories_tok512/tok512.model"))
     _check_special_tokens(tokenizer, expected_vocab=512)
     return tokenizer
 
@@ -68,7 +58,7 @@ def neox_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
     eos ``<|endoftext|>`` = 50279 (also used as bos), pad ``<|padding|>`` = 1. Cached.
     """
-    tokenizer_file = _require_shared_file("tokenizers/gpt_neox_olmo/tokenizer.json")
+    tokenizer_file = require_shared("tokenizers/gpt_neox_olmo/tokenizer.json")
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_file),
         bos_token="<|endoftext|>",
