@@ -5,7 +5,8 @@ folders. Readers keep memory flat whatever the corpus size:
 
 - Parquet (``.parquet``, ``.pq``): only the ``text_field`` column, a few hundred rows at a time.
 - JSONL (``.jsonl``, ``.json``, ``.ndjson``, optionally ``.gz`` or ``.zst``): one JSON object a
-  line; the document is its ``text_field`` value. ``.zst`` needs the ``zstandard`` package.
+  line; the document is its ``text_field`` value. zstd is decompressed by pyarrow (no extra
+  package), every frame of the file.
 - Text (``.txt``, ``.text``, ``.md``, optionally ``.gz``/``.zst``): documents are separated by runs
   of blank (whitespace-only) lines, which is how paragraph/article corpora such as WikiText are laid
   out. We chose this over "one file = one document" so that a multi-GB text file never has to be
@@ -153,14 +154,9 @@ def _open_text(f: _File) -> IO[str]:
     if comp == ".gz":
         raw = gzip.GzipFile(fileobj=raw)
     elif comp == ".zst":
-        try:
-            import zstandard
-        except ImportError as e:
-            raw.close()
-            raise CorpusError(
-                f"{f.url!r} is zstd-compressed; install the 'zstandard' package to read it"
-            ) from e
-        raw = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        # pyarrow's bundled zstd, streamed; it reads every frame of a multi-frame file (as
+        # parallel or appending compressors write), and closes ``raw`` when it is closed
+        raw = pa.CompressedInputStream(raw, "zstd")
     return io.TextIOWrapper(raw, encoding="utf-8")
 
 
