@@ -11,6 +11,10 @@ ITEM_SCORES = pa.schema(
         pa.field("value", pa.float64()),
         pa.field("n_tokens", pa.int64(), nullable=False),
         pa.field("checkpoint", pa.string(), nullable=False),
+        # Tokens cut to fit the model's context (METHOD.md "Long inputs"): the prompt is
+        # left-truncated first; trace tokens are cut only when the trace alone does not fit.
+        pa.field("truncated_prompt_tokens", pa.int64(), nullable=False),
+        pa.field("truncated_trace_tokens", pa.int64(), nullable=False),
     ]
 )
 
@@ -27,6 +31,12 @@ SCORES = pa.schema(
         pa.field("train_tokens", pa.int64()),
         pa.field("train_flops", pa.float64()),
         pa.field("checkpoint", pa.string(), nullable=False),
+        # Per-token metrics compare only under one tokenizer: a content hash of the checkpoint's
+        # tokenizer (tokenizer.tokenizer_fingerprint), and the context length it was scored with.
+        pa.field("tokenizer", pa.string()),
+        pa.field("context_tokens", pa.int64()),
+        # Items with at least one prompt or trace token cut to fit the context.
+        pa.field("n_truncated_items", pa.int64()),
     ]
 )
 
@@ -37,6 +47,10 @@ RANKING = pa.schema(
         pa.field("metric", pa.string(), nullable=False),
         pa.field("rank", pa.int64(), nullable=False),
         pa.field("value", pa.float64()),
+        # The value's interval: a benchmark's bootstrap interval over items; for ``all``, the
+        # scale-free aggregate's interval from the paired bootstrap over items.
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
     ]
 )
 

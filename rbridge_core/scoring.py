@@ -10,6 +10,12 @@ Speed and memory come from three choices:
   that predict a scored token (a trace or answer token), not on prompt rows;
 - the head's float32 log-probabilities exist for at most ``head_chunk_rows`` rows at a time, so
   peak memory never holds batch x sequence x vocabulary.
+
+Exactness comes first (METHOD.md §4): every score equals the model's own per-item forward pass.
+The output head and the statistics always run in float32 (only the body may run under bf16
+autocast); a dataset answer rides in its trace's row only where a check on an example longer
+than the model's attention window shows it scores exactly as alone, and a batch holding such a
+row never holds a row longer than the window (a custom 4-D mask bypasses sliding windows).
 """
 
 import json
@@ -23,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from rbridge_core import alignment, metrics, schemas
 from rbridge_core.config import ScoringConfig
@@ -33,6 +39,7 @@ from rbridge_core.errors import ModelLoadError, RbridgeError
 from rbridge_core.metrics import TokenStats
 from rbridge_core.models import count_parameters
 from rbridge_core.templates import template_for
+from rbridge_core.tokenizer import tokenizer_fingerprint
 from rbridge_core.traces import Trace
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,9 @@ class _Sequence:
     # ``answer_context`` tokens (the shared context) and themselves.
     answer_ids: list[int] = field(default_factory=list)
     answer_context: int = 0
+    # Tokens cut to fit the context: prompt tokens, and trace tokens no longer scored.
+    prompt_cut: int = 0
+    trace_cut: int = 0
 
     @property
     def n_scored(self) -> int:
@@ -161,32 +171,99 @@ def check_fused_head(model) -> None:
         )
 
 
-def supports_prefix_sharing(model) -> bool:
-    """Whether packed answers (custom 4-D mask + position ids) score as if run alone.
+def attention_window(model) -> int | None:
+    """The smallest attention window of any layer, None when every layer sees the whole prefix.
 
-    Checked on a short random example; an architecture that ignores custom masks or position
-    ids scores answers in rows of their own instead.
+    Read from the config as transformers' models read it: ``sliding_window`` (Mistral, Phi-3,
+    Qwen2 with ``use_sliding_window``, Gemma-2/3 local layers; ``layer_types`` says which layers
+    slide), ``window_size`` of GPT-Neo's ``local`` layers, ``attention_chunk_size`` (Llama 4).
     """
+    cfg = model.config.get_text_config()
+    windows = []
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    sliding = getattr(cfg, "sliding_window", None)
+    if sliding and getattr(cfg, "use_sliding_window", True) is not False:
+        if not layer_types or any("sliding" in str(t) for t in layer_types):
+            windows.append(int(sliding))
+    local = getattr(cfg, "window_size", None)
+    if local and "local" in (getattr(cfg, "attention_layers", None) or ()):
+        windows.append(int(local))
+    if chunk := getattr(cfg, "attention_chunk_size", None):
+        windows.append(int(chunk))
+    return min(windows) if windows else None
+
+
+def binding_window(model, max_len: int) -> int | None:
+    """The attention window when some scored sequence can exceed it, else None."""
+    window = attention_window(model)
+    return window if window is not None and window < max_len else None
+
+
+# Exactness tolerances in float32, nats per token: packing must be exact to rounding; beyond the
+# refusal tolerance the engine would score the model wrong.
+PACKING_ATOL = 1e-4
+REFUSE_ATOL = 1e-3
+
+
+def check_packing(model, max_len: int) -> bool:
+    """Whether dataset answers may ride in their traces' rows (custom 4-D mask) for this model.
+
+    The engine scores a batch with a packed row (context, trace, answer) and padded rows longer
+    than the model's attention window, and every scored token is compared with the model's own
+    forward pass of each sequence alone. False: answers get rows of their own (an architecture
+    that ignores custom masks or position ids). Raises ``ModelLoadError`` when even unpacked
+    batches do not reproduce the model's forward pass: rbridge refuses to score it wrong.
+    """
+    window = binding_window(model, max_len)
+    if window is not None and window < 4:
+        return False
     n_vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, n_vocab, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    context, trace, answer = ids[:5], ids[5:9], ids[9:]
-    no_offsets = np.zeros((0, 2), dtype=np.int64)
-    packed = _Sequence(0, "trace", context + trace, 5, no_offsets, answer, 5)
-    trace_alone = _Sequence(0, "trace", context + trace, 5, no_offsets)
-    answer_alone = _Sequence(0, "answer", context + answer, 5, no_offsets)
-    scorer = _FusedScorer(model, ScoringConfig(dtype="float32"))
+    n = min(12, window or 12)  # the packed row fits inside the window: the window never binds
+    n_answer = n_trace = n // 3
+    n_context = n - n_answer - n_trace
+    long_len = min(max_len, (window or 24) + 8)
+    ids = torch.randint(
+        0, n_vocab, (n + 2 * long_len,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    context, trace = ids[:n_context], ids[n_context : n_context + n_trace]
+    answer = ids[n_context + n_trace : n]
+    longs = [ids[n : n + long_len], ids[n + long_len : n + 2 * long_len - 3]]  # padded batch
+    none = np.zeros((0, 2), dtype=np.int64)
+    alone = [
+        _Sequence(0, "trace", context + trace, n_context, none),
+        _Sequence(1, "answer", context + answer, n_context, none),
+        *(_Sequence(2 + i, "trace", seq, len(seq) // 2, none) for i, seq in enumerate(longs)),
+    ]
+    expected = [_naive_nll(model, s) for s in alone]
+    config = ScoringConfig(dtype="float32", batch_max_tokens=4 * long_len)
     try:
-        (t_packed, a_packed), (t_alone, _), (a_alone, _) = scorer(
-            [packed, trace_alone, answer_alone]
-        )
+        got = [st.nll for st, _ in run_forward(model, alone, config, window=window)]
+        unpacked_error = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+        if unpacked_error > REFUSE_ATOL:
+            raise ModelLoadError(
+                f"{type(model).__name__} (attention {model.config._attn_implementation}): "
+                f"batched scoring differs from the model's own forward pass by up to "
+                f"{unpacked_error:.2g} nats/token; rbridge refuses to score it wrong"
+            )
+        packed = [_Sequence(0, "trace", context + trace, n_context, none, answer, n_context)]
+        (t_packed, a_packed), *rest = run_forward(model, packed + alone[2:], config, window=window)
     except NonFiniteScores:
         return False  # broken weights: scoring itself reports them, naming the trace
     except (RuntimeError, ValueError, TypeError) as err:
-        logger.info("prefix sharing unsupported by %s: %s", type(model).__name__, err)
+        logger.info("packed answers unsupported by %s: %s", type(model).__name__, err)
         return False
-    return np.allclose(t_packed.nll, t_alone.nll, atol=1e-4) and np.allclose(
-        a_packed.nll, a_alone.nll, atol=1e-4
-    )
+    packed_nll = [t_packed.nll, a_packed.nll, *(st.nll for st, _ in rest)]
+    return all(np.allclose(g, e, atol=PACKING_ATOL) for g, e in zip(packed_nll, expected))
+
+
+@torch.inference_mode()
+def _naive_nll(model, seq: _Sequence) -> np.ndarray:
+    """NLL of a sequence's scored tokens from the model's own forward pass on it alone."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([seq.input_ids], device=device)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    rows = logp[seq.first_scored - 1 : len(seq.input_ids) - 1]
+    return -rows.gather(1, ids[0, seq.first_scored :, None])[:, 0].double().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,22 +288,23 @@ def _target_tokens(encoding, idx: int, context_len: int) -> tuple[int, int] | No
 
 def _truncate(
     ids: list[int], first: int, max_len: int, bos_id: int | None
-) -> tuple[list[int], int]:
+) -> tuple[list[int], int, int]:
     """Fit a sequence into ``max_len`` tokens (METHOD.md "Long inputs").
 
     Keep the whole target and left-truncate the context (keeping a leading BOS) if the target
     fits; otherwise keep the target's last tokens (the end is nearest the answer), the first
-    kept token serving as context only. Returns the ids and the new first scored index.
+    kept token serving as context only. Returns the ids, the new first scored index and the
+    number of context tokens dropped.
     """
     if len(ids) <= max_len:
-        return ids, first
+        return ids, first, 0
     head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
     cut = len(ids) - (max_len - len(head))
     new_first = first - cut + len(head)
     if new_first >= 1:
-        return head + ids[cut:], new_first
+        return head + ids[cut:], new_first, cut - len(head)
     cut = len(ids) - max_len
-    return ids[cut:], max(first - cut, 1)
+    return ids[cut:], max(first - cut, 1), min(cut, first)
 
 
 def build_sequences(
@@ -258,12 +336,16 @@ def build_sequences(
                     f"trace {tr.benchmark}/{tr.item_id}: tokenizes to no scoreable token"
                 )
             first, end = span
-            ids, first = _truncate(
-                encoding["input_ids"][j][:end], first, max_len, tokenizer.bos_token_id
-            )
+            full = encoding["input_ids"][j][:end]
+            ids, kept_first, prompt_cut = _truncate(full, first, max_len, tokenizer.bos_token_id)
+            trace_cut = (end - first) - (len(ids) - kept_first)  # scored tokens lost
             offsets = np.asarray(encoding["offset_mapping"][j][:end], dtype=np.int64)
-            offsets = np.clip(offsets[end - (len(ids) - first) :] - len(context), 0, len(target))
-            sequences.append(_Sequence(item, kind, ids, first, offsets))
+            offsets = np.clip(
+                offsets[end - (len(ids) - kept_first) :] - len(context), 0, len(target)
+            )
+            sequences.append(
+                _Sequence(item, kind, ids, kept_first, offsets, [], 0, prompt_cut, trace_cut)
+            )
     return sequences
 
 
@@ -272,7 +354,9 @@ def share_answer_prefixes(sequences: list[_Sequence], max_len: int) -> list[_Seq
 
     The answer-NLL baseline needs the context once more; packed after the trace with an
     attention mask that hides the trace from it, the answer reuses the trace row's context
-    instead of running the whole prompt through the model a second time.
+    instead of running the whole prompt through the model a second time. A packed row is at
+    most ``max_len`` tokens: pass the attention window when the model has one, since the
+    custom mask cannot express it (within the window it never binds).
     """
     traces = {s.item: s for s in sequences if s.kind == "trace"}
     kept = []
@@ -313,15 +397,21 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def token_statistics(
-    logits: torch.Tensor, targets: torch.Tensor, kernel: Callable | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    kernel: Callable | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row NLL, 1-based gold rank, normalised entropy and max probability.
 
     logits: [rows, V] float32; targets: [rows] int64. rank = 1 + #{v : logit_v > logit_gold}:
     ties favour the gold token. ``kernel`` is ``_statistics`` or a compiled version of it.
+    Entropy is normalised by ln of the tokenizer's ``vocab_size`` (default: V), not of the
+    head's row count, which models pad (e.g. to a multiple of 64): the same distribution then
+    gets the same value whatever the padding.
     """
     nll, rank, entropy, p_max = (kernel or _statistics)(logits, targets)
-    return nll, rank, entropy / math.log(logits.shape[1]), p_max
+    return nll, rank, entropy / math.log(vocab_size or logits.shape[1]), p_max
 
 
 def _statistics(logits: torch.Tensor, targets: torch.Tensor):
@@ -387,21 +477,31 @@ class NonFiniteScores(RbridgeError):
 class _FusedScorer:
     """Runs the model body once per batch and the head on scored rows only, in chunks."""
 
-    def __init__(self, model, config: ScoringConfig, use_compile: bool = False):
+    def __init__(
+        self,
+        model,
+        config: ScoringConfig,
+        use_compile: bool = False,
+        vocab_size: int | None = None,
+    ):
         self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        # The head runs in float32 outside autocast: bf16 logits are off by ~0.02 nats/token,
+        # far more for large-magnitude logits. A float32 copy only for a head stored lower.
+        self.head_weight = head.weight.float()  # [V, H]
+        bias = getattr(head, "bias", None)
+        self.head_bias = None if bias is None else bias.float()
         self.transform = _output_transform(model)
         self.device = next(model.parameters()).device
         self.chunk_rows = config.head_chunk_rows
         self.statistics = statistics_kernel(self.device, use_compile)
+        self.vocab_size = vocab_size
         self._buffer: torch.Tensor | None = None
         use_bf16 = config.dtype == "bfloat16" or (
             config.dtype == "auto" and self.device.type == "cuda"
         )
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        self.use_buffer = (
-            self.device.type == "cpu" and not use_bf16 and self.head.weight.dtype == torch.float32
-        )
+        self.use_buffer = self.device.type == "cpu"
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[_Sequence]) -> list[tuple[TokenStats, TokenStats | None]]:
@@ -424,18 +524,18 @@ class _FusedScorer:
         targets = _targets(ids, batch, pred_b, pred_t)
         mask, positions = _attention(batch, longest, lengths)
         dev = self.device
-        with self.autocast:
+        with self.autocast:  # the body only: head and statistics run in float32
             hidden = self.decoder(
                 input_ids=ids.to(dev),
                 attention_mask=None if mask is None else mask.to(dev),
                 position_ids=None if positions is None else positions.to(dev),
             )[0]  # [B, T, H]
-            rows = hidden[pred_b.to(dev), pred_t.to(dev)]  # [M, H]
-            targets = targets.to(dev)
-            parts = [
-                self._head_stats(rows[i : i + self.chunk_rows], targets[i : i + self.chunk_rows])
-                for i in range(0, len(rows), self.chunk_rows)
-            ]
+        rows = hidden[pred_b.to(dev), pred_t.to(dev)].float()  # [M, H]
+        targets = targets.to(dev)
+        parts = [
+            self._head_stats(rows[i : i + self.chunk_rows], targets[i : i + self.chunk_rows])
+            for i in range(0, len(rows), self.chunk_rows)
+        ]
         nll, rank, ent, p_max = (torch.cat(p).cpu() for p in zip(*parts))
         finite = torch.isfinite(nll)
         if not finite.all():
@@ -461,21 +561,35 @@ class _FusedScorer:
     def _head_stats(self, rows: torch.Tensor, targets: torch.Tensor):
         logits = self._head_logits(rows)  # [chunk, V]: the only vocabulary-wide tensor
         # A fresh targets tensor (storage offset 0) spares the compiled kernel a recompile.
-        return token_statistics(logits, targets.clone(), self.statistics)
+        return token_statistics(logits, targets.clone(), self.statistics, self.vocab_size)
 
     def _head_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of ``rows``. On CPU into one reused buffer: a fresh [chunk, V]
+        """Float32 logits of float32 ``rows``. On CPU into one reused buffer: a fresh [chunk, V]
         allocation per chunk costs page faults that slowed the head matmul by ~1.6x here."""
         if not self.use_buffer:
-            return self.transform(self.head(rows)).float()
-        weight = self.head.weight  # [V, H]
+            return self.transform(F.linear(rows, self.head_weight, self.head_bias))
         if self._buffer is None:
-            self._buffer = torch.empty(self.chunk_rows, weight.shape[0], dtype=torch.float32)
+            self._buffer = torch.empty(self.chunk_rows, self.head_weight.shape[0])
         out = self._buffer[: len(rows)]
-        torch.matmul(rows, weight.t(), out=out)
-        if getattr(self.head, "bias", None) is not None:
-            out.add_(self.head.bias)
+        torch.matmul(rows, self.head_weight.t(), out=out)
+        if self.head_bias is not None:
+            out.add_(self.head_bias)
         return self.transform(out)
+
+
+def _batches(lengths: Sequence[int], max_tokens: int, window: int | None) -> list[list[int]]:
+    """``length_batches``, with rows longer than ``window`` never batched with shorter ones."""
+    if window is None:
+        return length_batches(lengths, max_tokens)
+    groups = [
+        [i for i, n in enumerate(lengths) if n > window],
+        [i for i, n in enumerate(lengths) if n <= window],
+    ]
+    return [
+        [group[j] for j in batch]
+        for group in groups
+        for batch in length_batches([lengths[i] for i in group], max_tokens)
+    ]
 
 
 def batch_token_budget(config: ScoringConfig, device: torch.device) -> int:
@@ -525,17 +639,25 @@ def run_forward(
     sequences: Sequence[_Sequence],
     config: ScoringConfig,
     progress: Callable[[int], None] | None = None,
+    *,
+    vocab_size: int | None = None,
+    window: int | None = None,
 ) -> list[tuple[TokenStats, TokenStats | None]]:
-    """Token statistics of every sequence (and of its packed answer), in the order given."""
+    """Token statistics of every sequence (and of its packed answer), in the order given.
+
+    ``vocab_size``: the tokenizer's, for normalised entropy (default: the head's rows).
+    ``window``: the model's binding attention window; rows longer than it are batched apart
+    from the others, so that no custom 4-D mask (packed answers) ever covers them.
+    """
     n_rows = sum(s.n_scored + len(s.answer_ids) for s in sequences)
     n_vocab = model.get_output_embeddings().weight.shape[0]
     use_compile = config.compile_statistics == "on" or (
         config.compile_statistics == "auto" and n_rows * n_vocab >= COMPILE_MIN_ELEMENTS
     )
-    scorer = _FusedScorer(model, config, use_compile)
+    scorer = _FusedScorer(model, config, use_compile, vocab_size)
     results: list = [None] * len(sequences)
-    lengths = [s.length for s in sequences]
-    for batch in length_batches(lengths, batch_token_budget(config, scorer.device)):
+    budget = batch_token_budget(config, scorer.device)
+    for batch in _batches([s.length for s in sequences], budget, window):
         for i, stats in zip(batch, scorer([sequences[i] for i in batch])):
             results[i] = stats
         if progress is not None:
@@ -575,16 +697,36 @@ def _scored_bytes(trace: str, offsets: np.ndarray) -> int:
 
 
 def _span_metrics(tr: Trace, seq: _Sequence, stats: TokenStats) -> dict[str, tuple[float, int]]:
-    """The official tool's mode: NLL and bits/byte of tokens inside ``mask_spans``."""
+    """The official tool's mode: NLL and bits/byte of tokens inside ``mask_spans``.
+
+    ``span_nll``: the mean NLL of the tokens that overlap a span (``alignment.span_weights``).
+    ``span_bpb``: bits over the UTF-8 bytes of the span text that is scored (the union of the
+    spans, from the first scored token on, so a truncated trace counts only what it scores).
+    A token straddling a span edge contributes the share of its bits that its bytes inside the
+    spans carry, so each byte's bits are counted once, above and below the fraction line.
+    """
     if not tr.mask_spans:
         return {}
     inside = alignment.span_weights(seq.offsets, tr.mask_spans, len(tr.trace)) > 0
     n = int(inside.sum())
-    nats = float(stats.nll[inside].sum())
-    n_bytes = sum(len(tr.trace[s:e].encode("utf-8")) for s, e in tr.mask_spans)
+    marked = np.zeros(len(tr.trace), dtype=bool)
+    for start, end in tr.mask_spans:
+        marked[start:end] = True
+    char_bytes = np.array([len(ch.encode("utf-8")) for ch in tr.trace], dtype=np.int64)
+    marked_bytes = np.concatenate([[0], np.cumsum(char_bytes * marked)])  # prefix sums
+    all_bytes = np.concatenate([[0], np.cumsum(char_bytes)])
+    start, end = seq.offsets[:, 0], seq.offsets[:, 1]
+    token_bytes = all_bytes[end] - all_bytes[start]
+    share = np.where(
+        token_bytes > 0,
+        (marked_bytes[end] - marked_bytes[start]) / np.maximum(token_bytes, 1),
+        inside,  # a zero-width token: in or out with the character it sits in front of
+    )
+    nats = float((stats.nll * share).sum()) if len(share) else 0.0
+    n_bytes = int(marked_bytes[-1] - marked_bytes[int(start[0])]) if len(start) else 0
     return {
-        "span_nll": (nats / n if n else math.nan, n),
-        "span_bpb": (metrics.bits_per_byte(nats, n_bytes) if n else math.nan, n),
+        "span_nll": (float(stats.nll[inside].sum()) / n if n else math.nan, n),
+        "span_bpb": (metrics.bits_per_byte(nats, n_bytes) if n_bytes else math.nan, n),
     }
 
 
@@ -633,8 +775,11 @@ def item_scores_table(
     rows: Sequence[tuple[int, str, float, int]],
     corpus: str,
     checkpoint: str,
+    truncated: dict[int, tuple[int, int]] | None = None,
 ) -> pa.Table:
-    """Rows of (item, metric, value, n_tokens) as the ``item_scores`` table."""
+    """Rows of (item, metric, value, n_tokens) as the ``item_scores`` table; ``truncated`` maps
+    an item to its (prompt, trace) tokens cut to fit the context (none when absent)."""
+    cuts = [(truncated or {}).get(i, (0, 0)) for i, *_ in rows]
     return pa.table(
         {
             "corpus": [corpus] * len(rows),
@@ -644,6 +789,8 @@ def item_scores_table(
             "value": [v for _, _, v, _ in rows],
             "n_tokens": [n for *_, n in rows],
             "checkpoint": [checkpoint] * len(rows),
+            "truncated_prompt_tokens": [p for p, _ in cuts],
+            "truncated_trace_tokens": [t for _, t in cuts],
         },
         schema=schemas.ITEM_SCORES,
     )
@@ -655,9 +802,25 @@ def benchmark_scores(
     params: int | None = None,
     train_tokens: int | None = None,
     train_flops: float | None = None,
+    tokenizer: str | None = None,
+    context_tokens: int | None = None,
 ) -> pa.Table:
-    """Mean over items per (corpus, checkpoint, benchmark, metric), with a bootstrap interval."""
-    df = pl.from_arrow(item_scores).filter(pl.col("value").is_not_nan())
+    """Mean over items per (corpus, checkpoint, benchmark, metric), with a bootstrap interval.
+
+    ``tokenizer`` (a ``tokenizer_fingerprint``) and ``context_tokens`` label every row: per-token
+    metrics compare only under one tokenizer. ``n_truncated_items`` counts a benchmark's items
+    with any prompt or trace token cut to fit the context.
+    """
+    import polars as pl  # lazily: the engine itself runs where polars is absent (GPU check)
+
+    df = pl.from_arrow(item_scores)
+    truncated = (
+        df.filter((pl.col("truncated_prompt_tokens") > 0) | (pl.col("truncated_trace_tokens") > 0))
+        .group_by("corpus", "checkpoint", "benchmark")
+        .agg(pl.col("item_id").n_unique().alias("n"))
+    )
+    n_truncated = {(r[0], r[1], r[2]): r[3] for r in truncated.iter_rows()}
+    df = df.filter(pl.col("value").is_not_nan())
     groups = df.group_by(["corpus", "checkpoint", "benchmark", "metric"], maintain_order=True).agg(
         pl.col("value")
     )
@@ -680,6 +843,11 @@ def benchmark_scores(
                 "train_tokens": train_tokens,
                 "train_flops": train_flops,
                 "checkpoint": row["checkpoint"],
+                "tokenizer": tokenizer,
+                "context_tokens": context_tokens,
+                "n_truncated_items": n_truncated.get(
+                    (row["corpus"], row["checkpoint"], row["benchmark"]), 0
+                ),
             }
         )
     return pa.Table.from_pylist(records, schema=schemas.SCORES)
@@ -710,10 +878,19 @@ def score_traces(
     start = time.perf_counter()
     max_len = context_length(model, config)
     sequences = build_sequences(traces, tokenizer, max_len)
-    if supports_prefix_sharing(model):
-        sequences = share_answer_prefixes(sequences, max_len)
+    truncated = {
+        s.item: (s.prompt_cut, s.trace_cut)
+        for s in sequences
+        if s.kind == "trace" and (s.prompt_cut or s.trace_cut)
+    }
+    _log_truncation(traces, truncated, max_len)
+    window = binding_window(model, max_len)
+    if check_packing(model, max_len):
+        sequences = share_answer_prefixes(sequences, min(max_len, window or max_len))
     try:
-        stats = run_forward(model, sequences, config, progress)
+        stats = run_forward(
+            model, sequences, config, progress, vocab_size=len(tokenizer), window=window
+        )
     except NonFiniteScores as err:
         tr = traces[err.item]
         raise RbridgeError(
@@ -721,9 +898,15 @@ def score_traces(
             f"{tr.benchmark}/{tr.item_id}: its weights are likely corrupt or diverged"
         ) from None
     rows = item_metric_values(traces, sequences, stats, config)
-    item_scores = item_scores_table(traces, rows, corpus, checkpoint)
+    item_scores = item_scores_table(traces, rows, corpus, checkpoint, truncated)
     scores = benchmark_scores(
-        item_scores, config, count_parameters(model)[0], train_tokens, train_flops
+        item_scores,
+        config,
+        count_parameters(model)[0],
+        train_tokens,
+        train_flops,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        context_tokens=max_len,
     )
     n_scored = sum(s.n_scored for s in sequences if s.kind == "trace")
     seconds = time.perf_counter() - start
@@ -731,6 +914,25 @@ def score_traces(
         "scored %d trace tokens in %.1fs (%.0f tok/s)", n_scored, seconds, n_scored / seconds
     )
     return ScoreResult(item_scores, scores, n_scored, seconds)
+
+
+def _log_truncation(
+    traces: Sequence[Trace], truncated: dict[int, tuple[int, int]], max_len: int
+) -> None:
+    """One warning per benchmark whose items did not fit the context (counts in item_scores)."""
+    per_benchmark: dict[str, list[tuple[int, int]]] = {}
+    for item, cut in truncated.items():
+        per_benchmark.setdefault(traces[item].benchmark, []).append(cut)
+    for benchmark, cuts in sorted(per_benchmark.items()):
+        logger.warning(
+            "%s: %d items exceed the %d-token context: %d prompt tokens and %d trace tokens cut "
+            "(the prompt is left-truncated first; item_scores counts them per item)",
+            benchmark,
+            len(cuts),
+            max_len,
+            sum(p for p, _ in cuts),
+            sum(t for _, t in cuts),
+        )
 
 
 def read_training_meta(model_dir: str | Path) -> dict:

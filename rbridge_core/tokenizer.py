@@ -12,6 +12,8 @@ and a pad token (the EOS token when the tokenizer has none).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -101,3 +103,16 @@ def _ensure_special_tokens(tok: PreTrainedTokenizerFast, p: Path) -> None:
         tok.eos_token = found
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
+    """A short content hash of what decides how text becomes ids: the tokenization model
+    (vocabulary, merges), normaliser, pre-tokeniser and added tokens.
+
+    Two checkpoints share per-token metrics only when their fingerprints are equal; settings
+    that do not change the ids (padding, truncation, the file's path) are left out.
+    """
+    state = json.loads(tok.backend_tokenizer.to_str())
+    decisive = {k: state.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    blob = json.dumps(decisive, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]

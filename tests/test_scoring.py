@@ -336,10 +336,10 @@ def test_cuda_bf16_autocast_tracks_cpu_float32(tiny_random, gsm8k_traces):
 
 
 def test_packed_answers_score_as_if_alone(tiny_random, gsm8k_traces):
-    from rbridge_core.scoring import run_forward, share_answer_prefixes, supports_prefix_sharing
+    from rbridge_core.scoring import check_packing, run_forward, share_answer_prefixes
 
     model, tok = tiny_random
-    assert supports_prefix_sharing(model)
+    assert check_packing(model, 4096)
     alone = build_sequences(gsm8k_traces, tok, 4096)
     packed = share_answer_prefixes(build_sequences(gsm8k_traces, tok, 4096), 4096)
     assert len(alone) == 2 * len(gsm8k_traces)
@@ -353,3 +353,99 @@ def test_packed_answers_score_as_if_alone(tiny_random, gsm8k_traces):
     assert expected.keys() == got.keys()
     for item, nll in expected.items():
         np.testing.assert_allclose(got[item], nll, rtol=1e-5, atol=1e-5)
+
+
+def test_head_and_statistics_stay_float32_under_bf16_autocast(tmp_path):
+    """Only the body runs in bf16: a 0-layer model's body is exact, so bf16-rounded logits
+    (large magnitudes lose ~0.1 here) would show up as NLL error."""
+    table = np.random.default_rng(5).normal(0, 1.0, size=(8, 8)) + 40.0
+    model_dir = controlled_model(tmp_path / "m", table)
+    traces = [Trace("toy", "1", "dd", "abcabhgfe")]
+    ids = [CHARS.index(c) for c in "ddabcabhgfe"]
+    hand = np.array([h["cross_entropy"] for h in hand_stats(table, ids[1:-1], ids[2:])])
+    model, tok = load_model_dir(model_dir, "cpu")
+    for dtype in ("float32", "bfloat16"):
+        # CPU autocast stands in for CUDA's (the config allows bf16 only on CUDA).
+        cfg = ScoringConfig.model_construct(bootstrap_samples=0, dtype=dtype, device="cpu")
+        result = score_traces(model, tok, traces, cfg, corpus="c", checkpoint="k")
+        got = {r["metric"]: r["value"] for r in result.item_scores.to_pylist()}
+        assert got["trace_nll"] == pytest.approx(hand.mean(), abs=1e-5), dtype
+
+
+@pytest.fixture(scope="module")
+def table9():
+    return np.random.default_rng(11).normal(0, 2.0, size=(9, 9))
+
+
+def test_span_bpb_counts_only_the_scored_bytes_under_truncation(tmp_path, table9):
+    table = table9
+    model_dir = controlled_model(tmp_path / "m", table, merges=[("a", "b")])
+    trace = "abcdefgh" * 4  # "ab" merges: 28 tokens, 32 bytes
+    whole = Trace("toy", "1", "dd", trace, mask_spans=((0, len(trace)),))
+    cut = ScoringConfig(bootstrap_samples=0, max_seq_len_tokens=15)
+    got = {r["metric"]: r for r in score_model_dir(model_dir, [whole], cut)
+           .item_scores.to_pylist()}  # fmt: skip
+    # 14 trace tokens scored (the last 15 kept, the first of them context only): the span
+    # covers the whole trace, so span and trace bits per byte agree.
+    assert got["trace_nll"]["n_tokens"] == 14
+    assert got["span_bpb"]["value"] == pytest.approx(got["trace_bpb"]["value"], rel=1e-9)
+    assert got["span_nll"]["value"] == pytest.approx(got["trace_nll"]["value"], rel=1e-9)
+    # The last 14 tokens ("gh" + 3 x "ab c d e f g h"... ) cover 16 characters.
+    nats = got["trace_nll"]["value"] * 14
+    assert got["span_bpb"]["value"] == pytest.approx(nats / (math.log(2) * 16), rel=1e-9)
+
+
+def test_span_bpb_gives_a_straddling_token_its_share_of_bits(tmp_path, table9):
+    table = table9
+    model_dir = controlled_model(tmp_path / "m", table, merges=[("a", "b")])
+    # Tokens: ab | c | d | ab ; the span [1, 3) = "bc" touches "ab" (straddling) and "c".
+    tr = Trace("toy", "1", "dd", "abcdab", mask_spans=((1, 3),))
+    got = {r["metric"]: r["value"] for r in score_model_dir(
+        model_dir, [tr], ScoringConfig(bootstrap_samples=0)).item_scores.to_pylist()}  # fmt: skip
+    vocab = {c: i for i, c in enumerate(CHARS)} | {"ab": 8}
+    ids = [vocab[t] for t in ("d", "d", "ab", "c", "d", "ab")]
+    nll = [-math.log(softmax(table[p])[g]) for p, g in zip(ids[1:], ids[2:])]
+    assert got["span_nll"] == pytest.approx((nll[0] + nll[1]) / 2, abs=1e-5)
+    # "ab" has one of its two bytes in the span: half its bits, over the 2 span bytes "bc".
+    assert got["span_bpb"] == pytest.approx((nll[0] / 2 + nll[1]) / (math.log(2) * 2), abs=1e-5)
+
+
+def test_truncation_is_counted_per_item_and_per_benchmark(tmp_path, table, caplog):
+    model_dir = controlled_model(tmp_path / "m", table)
+    traces = [
+        Trace("toy", "fits", "dd", "abc"),
+        Trace("toy", "prompt-cut", "ddddddddd", "abcabc"),  # 9 + 6 > 12: 3 prompt tokens cut
+        Trace("toy", "trace-cut", "dd", "abcdefghabcdefgh"),  # 16 trace tokens > 12
+    ]
+    cfg = ScoringConfig(bootstrap_samples=0, max_seq_len_tokens=12)
+    with caplog.at_level("WARNING", logger="rbridge_core.scoring"):
+        result = score_model_dir(model_dir, traces, cfg)
+    items = pl.from_arrow(result.item_scores).filter(pl.col("metric") == "trace_nll")
+    cut = {r["item_id"]: (r["truncated_prompt_tokens"], r["truncated_trace_tokens"])
+           for r in items.iter_rows(named=True)}  # fmt: skip
+    # trace-cut: 18 tokens -> last 12 kept; the first kept is context: 5 trace tokens unscored.
+    assert cut == {"fits": (0, 0), "prompt-cut": (3, 0), "trace-cut": (2, 5)}
+    scores = pl.from_arrow(result.scores).filter(pl.col("metric") == "trace_nll").row(0, named=True)
+    assert scores["n_truncated_items"] == 2 and scores["context_tokens"] == 12
+    assert "2 items exceed the 12-token context" in caplog.text
+
+
+def test_scores_carry_the_tokenizer_fingerprint(tmp_path, table):
+    from rbridge_core.tokenizer import tokenizer_fingerprint
+
+    chars = controlled_model(tmp_path / "chars", table)
+    merged = controlled_model(tmp_path / "merged", np.zeros((9, 9)), merges=[("a", "b")])
+    traces = [Trace("toy", "1", "dd", "abc")]
+    cfg = ScoringConfig(bootstrap_samples=0)
+    labels = {
+        d.name: set(pl.from_arrow(score_model_dir(d, traces, cfg).scores)["tokenizer"])
+        for d in (chars, merged)
+    }
+    _, tok = load_model_dir(chars, "cpu")
+    assert labels["chars"] == {tokenizer_fingerprint(tok)}
+    assert labels["merged"] != labels["chars"] and len(labels["merged"]) == 1
+    # The same tokenizer saved elsewhere (another path, padding settings) keeps its label.
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp_path / "copy")
+    copy = PreTrainedTokenizerFast.from_pretrained(tmp_path / "copy")
+    assert tokenizer_fingerprint(copy) == tokenizer_fingerprint(tok)
