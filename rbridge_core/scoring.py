@@ -811,30 +811,28 @@ def benchmark_scores(
     metrics compare only under one tokenizer. ``n_truncated_items`` counts a benchmark's items
     with any prompt or trace token cut to fit the context.
     """
-    import polars as pl  # lazily: the engine itself runs where polars is absent (GPU check)
-
-    df = pl.from_arrow(item_scores)
-    truncated = (
-        df.filter((pl.col("truncated_prompt_tokens") > 0) | (pl.col("truncated_trace_tokens") > 0))
-        .group_by("corpus", "checkpoint", "benchmark")
-        .agg(pl.col("item_id").n_unique().alias("n"))
-    )
-    n_truncated = {(r[0], r[1], r[2]): r[3] for r in truncated.iter_rows()}
-    df = df.filter(pl.col("value").is_not_nan())
-    groups = df.group_by(["corpus", "checkpoint", "benchmark", "metric"], maintain_order=True).agg(
-        pl.col("value")
-    )
+    columns = item_scores.select(
+        ["corpus", "checkpoint", "benchmark", "metric", "item_id", "value"]
+        + ["truncated_prompt_tokens", "truncated_trace_tokens"]
+    ).to_pydict()
+    groups: dict[tuple[str, str, str, str], list[float]] = {}  # insertion-ordered
+    truncated: dict[tuple[str, str, str], set[str]] = {}
+    for corpus, ckpt, bench, metric, item, value, cut_p, cut_t in zip(*columns.values()):
+        if cut_p or cut_t:
+            truncated.setdefault((corpus, ckpt, bench), set()).add(item)
+        if value is not None and not math.isnan(value):
+            groups.setdefault((corpus, ckpt, bench, metric), []).append(value)
     records = []
-    for row in groups.iter_rows(named=True):
-        values = np.asarray(row["value"], dtype=np.float64)
+    for (corpus, ckpt, bench, metric), values in groups.items():
+        values = np.asarray(values, dtype=np.float64)
         # Seeded per benchmark: every metric resamples the same items (paired intervals).
-        rng = np.random.default_rng([config.seed, zlib.crc32(row["benchmark"].encode())])
+        rng = np.random.default_rng([config.seed, zlib.crc32(bench.encode())])
         low, high = metrics.bootstrap_ci(values, rng, config.bootstrap_samples, config.ci_level)
         records.append(
             {
-                "corpus": row["corpus"],
-                "benchmark": row["benchmark"],
-                "metric": row["metric"],
+                "corpus": corpus,
+                "benchmark": bench,
+                "metric": metric,
                 "value": float(values.mean()),
                 "ci_low": low,
                 "ci_high": high,
@@ -842,12 +840,10 @@ def benchmark_scores(
                 "params": params,
                 "train_tokens": train_tokens,
                 "train_flops": train_flops,
-                "checkpoint": row["checkpoint"],
+                "checkpoint": ckpt,
                 "tokenizer": tokenizer,
                 "context_tokens": context_tokens,
-                "n_truncated_items": n_truncated.get(
-                    (row["corpus"], row["checkpoint"], row["benchmark"]), 0
-                ),
+                "n_truncated_items": len(truncated.get((corpus, ckpt, bench), ())),
             }
         )
     return pa.Table.from_pylist(records, schema=schemas.SCORES)
