@@ -24,11 +24,19 @@ from matplotlib.ticker import MaxNLocator
 
 from rbridge_core import storage
 from rbridge_core.metrics import METRICS
-from rbridge_core.ranking import ALL_BENCHMARKS, select_checkpoints
+from rbridge_core.ranking import ALL_BENCHMARKS, ranking_notes, select_checkpoints
 
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "rank_heatmap.png"
 MISSING = "–"
+ALL_HEADING = "all (mean standardised value over benchmarks)"
+ALL_EXPLAINED = (
+    "Value: the corpus's mean over benchmarks of its standardised value (on each benchmark, the "
+    "value minus the mean of the ranked corpora, divided by their standard deviation), so no "
+    "benchmark weighs more for having a wider spread; same direction as the metric; 0 = average. "
+    "Interval: paired bootstrap over items (the same resampled items for every corpus; – when "
+    "the item scores were not given)."
+)
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,19 @@ def render_report(
 
     ``scores`` is a SCORES table, ``ranking`` the RANKING table made from it by
     ``ranking.rank_corpora`` (pass the same ``checkpoint`` as there: it picks the scores rows whose
-    confidence intervals are shown). ``failed`` maps corpus -> error message of corpora that could
-    not be scored. ``headline_metrics`` are the metrics shown, in order; those absent from the
-    ranking are listed as skipped. ``extra`` is shown as a key/value list under the title (e.g.
-    config name, git revision, a timestamp).
+    confidence intervals are shown, and the checkpoints ``ranking.ranking_notes`` describes).
+    ``failed`` maps corpus -> error message of corpora that could not be scored.
+    ``headline_metrics`` are the metrics shown, in order; those absent from the ranking are listed
+    as skipped. ``extra`` is shown as a key/value list under the title (e.g. config name, git
+    revision, a timestamp).
 
-    The markdown has: the corpora scored and failed; a rank heat-map ``rank_heatmap.png`` (corpora x
+    The markdown has: the corpora scored and failed; the ranking's notes (mixed tokenizers,
+    context lengths, truncated items), if any; a rank heat-map ``rank_heatmap.png`` (corpora x
     benchmarks, ``all`` included) for the first headline metric present; per benchmark (``all``
-    first), a table per headline metric with rank, corpus, value, confidence interval and item
-    count, then the plot ``scores_<benchmark>.png`` (value with CI error bars per corpus, one panel
-    per headline metric); and a "Failed corpora" section ("none" when empty).
+    first, with how it is computed), a table per headline metric with rank, corpus, value,
+    confidence interval (``all``: the ranking's bootstrap interval) and item count, then the plot
+    ``scores_<benchmark>.png`` (value with CI error bars per corpus, one panel per headline
+    metric); and a "Failed corpora" section ("none" when empty).
     """
     rank_df = pl.from_arrow(ranking)
     score_df = pl.from_arrow(select_checkpoints(scores, checkpoint)) if len(scores) else None
@@ -79,6 +90,7 @@ def render_report(
     lines = [f"# {title}", ""]
     lines += _extra_section(extra)
     lines += _corpora_section(corpora, failed)
+    lines += _notes_section(ranking_notes(scores, checkpoint) if len(scores) else [])
     if skipped:
         lines += [f"Headline metrics not in the ranking (skipped): {', '.join(skipped)}.", ""]
     if shown:
@@ -129,12 +141,20 @@ def _corpora_section(corpora: list[str], failed: dict[str, str]) -> list[str]:
     return [*lines, ""]
 
 
+def _notes_section(notes: list[str]) -> list[str]:
+    if not notes:
+        return []
+    return ["## Notes", "", *[f"- {_one_line(note)}" for note in notes], ""]
+
+
 def _benchmark_section(
     rank_df: pl.DataFrame, score_df: pl.DataFrame | None, benchmark: str, metrics: list[str]
 ) -> list[str]:
     """One table per headline metric, then the benchmark's plot (all metrics in one figure)."""
-    heading = "all (mean over benchmarks)" if benchmark == ALL_BENCHMARKS else benchmark
+    heading = ALL_HEADING if benchmark == ALL_BENCHMARKS else benchmark
     lines = [f"## {heading}", ""]
+    if benchmark == ALL_BENCHMARKS:
+        lines += [ALL_EXPLAINED, ""]
     for metric in metrics:
         rows = _table_rows(rank_df, score_df, metric, benchmark)
         if not rows:
@@ -158,6 +178,8 @@ def _table_rows(
     rows = []
     for r in ranked.iter_rows(named=True):
         ci_low, ci_high, n_items = details.get(r["corpus"], (math.nan, math.nan, None))
+        if benchmark == ALL_BENCHMARKS:  # the aggregate's own interval, from the ranking
+            ci_low, ci_high = _float(r.get("ci_low")), _float(r.get("ci_high"))
         rows.append((str(r["rank"]), r["corpus"], _num(r["value"]), _ci(ci_low, ci_high), n_items))
     for corpus in sorted(set(details) - set(ranked["corpus"].to_list())):
         rows.append((MISSING, corpus, "n/a", MISSING, details[corpus][2]))

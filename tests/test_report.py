@@ -3,12 +3,13 @@
 import math
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
 from rbridge_core.ranking import rank_corpora
 from rbridge_core.report import Report, render_report, write_report
-from rbridge_core.schemas import SCORES
+from rbridge_core.schemas import RANKING, SCORES
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -70,11 +71,13 @@ def test_markdown_has_every_corpus_ranks_values_and_cis() -> None:
     gsm8k_top5 = md.split("\n## gsm8k\n")[1].split("### top5_acc")[1].split("\n## ")[0]
     assert "| 1 | math | 1.0000 |" in gsm8k_top5
     assert "| 3 | web | 0.6667 |" in gsm8k_top5
-    # all: macro mean over gsm8k and arc; code lacks arc, so it has no `all` rank.
-    all_section = md.split("## all (mean over benchmarks)")[1].split("\n## ")[0]
-    assert "| 1 | math | 1.5000 | – | – |" in all_section
-    assert "| 2 | web | 2.0000 | – | – |" in all_section
+    # all: mean standardised value over gsm8k and arc (two corpora: -1 or +1 on each); code
+    # lacks arc, so it has no `all` rank; without item scores `all` has no interval.
+    all_section = md.split("## all (mean standardised value over benchmarks)")[1].split("\n## ")[0]
+    assert "| 1 | math | -1.0000 | – | – |" in all_section
+    assert "| 2 | web | 1.0000 | – | – |" in all_section
     assert "code" not in all_section
+    assert "divided by their standard deviation" in all_section
     # code is scored on arc but its value is missing: listed without a rank.
     arc_section = md.split("\n## arc\n")[1].split("\n## ")[0]
     assert "| – | code | n/a | – | 40 |" in arc_section
@@ -138,3 +141,38 @@ def test_write_report_round_trip(tmp_path: Path) -> None:
 def test_heatmap_follows_the_first_headline_metric(headline: list[str]) -> None:
     md = _render(headline_metrics=headline).markdown
     assert f"## Ranks across benchmarks: {headline[0]}" in md
+
+
+def test_all_rows_show_the_rankings_interval() -> None:
+    scores = _scores()
+    ranking = pl.from_arrow(rank_corpora(scores))
+    is_all = pl.col("benchmark") == "all"
+    ranking = ranking.with_columns(
+        pl.when(is_all).then(pl.col("value") - 0.5).otherwise(pl.col("ci_low")).alias("ci_low"),
+        pl.when(is_all).then(pl.col("value") + 0.25).otherwise(pl.col("ci_high")).alias("ci_high"),
+    )
+    md = render_report(
+        scores,
+        ranking.to_arrow().cast(RANKING),
+        failed={},
+        headline_metrics=["trace_nll"],
+        title="t",
+    ).markdown
+    all_section = md.split("## all (")[1].split("\n## ")[0]
+    assert "| 1 | math | -1.0000 | [-1.5000, -0.7500] | – |" in all_section
+
+
+def test_notes_name_mixed_tokenizers() -> None:
+    scores = pl.from_arrow(_scores()).with_columns(
+        pl.when(pl.col("corpus") == "web").then(pl.lit("feedface00000000")).otherwise(
+            pl.lit("0123456789abcdef")).alias("tokenizer")
+    )  # fmt: skip
+    scores = scores.to_arrow().cast(SCORES)
+    md = render_report(
+        scores, rank_corpora(scores), failed={}, headline_metrics=["trace_nll"], title="t"
+    ).markdown
+    notes = md.split("## Notes\n\n")[1].split("\n## ")[0]
+    assert "code: 0123456789abcdef, math: 0123456789abcdef, web: feedface00000000" in notes
+    assert "only the tokenizer-free metrics trace_bpb, span_bpb are ranked" in notes
+    assert "skipped): trace_nll" in md  # per-token metrics are not ranked
+    assert "## Notes" not in _render().markdown  # nothing to say: no section
