@@ -4,6 +4,9 @@
 a second run on the same night replaces that night's rows. ``<output>/history/rank_drift.parquet``
 (``schemas.RANK_DRIFT``) compares the latest night with the one before it, per corpus, benchmark
 and metric; a corpus new tonight has no previous rank. Both files are rewritten atomically.
+
+A history or a run's ranking written by an older rbridge may lack columns added to the schema
+since (``ci_low``/``ci_high``): they are read as nulls, so a nightly append never breaks.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ def _read_history(path: str) -> pl.DataFrame:
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
         return pl.from_arrow(RANKING_HISTORY.empty_table())
-    return pl.read_parquet(io.BytesIO(read_bytes(path)))
+    return conform(pl.read_parquet(io.BytesIO(read_bytes(path))), RANKING_HISTORY)
+
+
+def conform(df: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:
+    """``df`` with ``schema``'s columns in its order, those it lacks (an older file) as nulls."""
+    dtypes = pl.from_arrow(schema.empty_table()).schema
+    missing = [pl.lit(None, dtypes[name]).alias(name) for name in schema.names if name not in df]
+    return df.with_columns(missing).select(schema.names)
 
 
 def add_night(history: pl.DataFrame, ranking: pa.Table, night: dt.date, run: str) -> pl.DataFrame:
@@ -41,8 +51,8 @@ def add_night(history: pl.DataFrame, ranking: pa.Table, night: dt.date, run: str
     tonight = pl.from_arrow(ranking).with_columns(
         pl.lit(night, dtype=pl.Date).alias("night"), pl.lit(run).alias("run")
     )
-    kept = history.filter(pl.col("night") != night)
-    merged = pl.concat([kept, tonight.select(kept.columns)], how="vertical")
+    kept = conform(history.filter(pl.col("night") != night), RANKING_HISTORY)
+    merged = pl.concat([kept, conform(tonight, RANKING_HISTORY)], how="vertical_relaxed")
     return merged.sort(["night", "benchmark", "metric", "rank", "corpus"])
 
 
