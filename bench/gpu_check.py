@@ -27,10 +27,10 @@ not fit is skipped and says so); a failing phase is recorded and the others stil
 is rewritten after every phase, so a run cut short still returns what it measured.
 
 The GPU machine has PyTorch and transformers but no pydantic, polars, Prefect or vLLM and no
-network: ``bash bench/gpu_wheels.sh`` downloads the missing wheels into ``bench/.wheels``, which
-the call carries; this script unpacks them and puts them on ``sys.path`` when pydantic is
-missing. Its own imports are the standard library, torch and (lazily) rbridge_core and the
-bench helpers. See bench/README.md for the one-call command.
+network: ``bash bench/gpu_wheels.sh`` downloads pydantic and its needs into ``bench/.wheels``,
+which the call carries (nothing this script imports needs polars); this script unpacks them and
+puts them on ``sys.path`` when pydantic is missing. Its own imports are the standard library,
+torch and (lazily) rbridge_core and the bench helpers. See bench/README.md for the one-call command.
 
     python bench/gpu_check.py                 # on a GPU: the real run (~4-6 min on an H200)
     python bench/gpu_check.py --dry-run       # on CPU: tiny shapes, every code path, ~30 s
@@ -489,22 +489,20 @@ def scoring_throughput(plan: Plan, vocab: int, device, tokenizer, traces) -> dic
 
     model = scoring_model(plan, vocab, tokenizer, device)
     config = ScoringConfig()  # the defaults: device and dtype auto (CUDA: bf16 autocast)
-    polars_present = _importable("polars")
+    tables: dict = {}
 
     def engine() -> int:
-        with benchmark_table_stubbed(not polars_present):
-            result = score_traces(
-                model, tokenizer, traces, config, corpus="gpu_check", checkpoint="random"
-            )
+        result = score_traces(
+            model, tokenizer, traces, config, corpus="gpu_check", checkpoint="random"
+        )
+        tables["benchmark_rows"] = result.scores.num_rows
+        tables["benchmarks"] = sorted(set(result.scores.column("benchmark").to_pylist()))
+        tables["metrics"] = sorted(set(result.scores.column("metric").to_pylist()))
         return result.n_scored_tokens
 
     engine_timing = timed(engine, plan.engine_repeats)
-    engine_timing["path"] = (
-        "score_traces"
-        if polars_present
-        else "score_traces with benchmark_scores stubbed (polars absent: no per-benchmark "
-        "means, no bootstrap intervals)"
-    )
+    engine_timing["path"] = "score_traces"  # every metric, item and benchmark tables, bootstrap
+    engine_timing |= tables
     forward_timing = timed(
         lambda: run_engine_forward(model, tokenizer, traces, config), plan.engine_repeats
     )
@@ -536,31 +534,6 @@ def scoring_throughput(plan: Plan, vocab: int, device, tokenizer, traces) -> dic
         "forward_ratio": forward_timing["tokens_per_s"] / naive_timing["tokens_per_s"],
         "peak_gpu_memory_gib": peak_gpu_gib(),
     }
-
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def benchmark_table_stubbed(stub: bool):
-    """Where polars is absent, ``score_traces`` runs with ``benchmark_scores`` (polars: the
-    per-benchmark means and bootstrap intervals) replaced by an empty table; the rest as is."""
-    if not stub:
-        yield
-        return
-    from rbridge_core import schemas, scoring
-
-    original = scoring.benchmark_scores
-    scoring.benchmark_scores = lambda *args, **kwargs: schemas.SCORES.empty_table()
-    try:
-        yield
-    finally:
-        scoring.benchmark_scores = original
 
 
 # ---------------------------------------------------------------------------------------------

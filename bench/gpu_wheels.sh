@@ -2,17 +2,16 @@
 # The wheels bench/gpu_check.py needs on the GPU machine, saved in bench/.wheels (ignored by git;
 # the device call carries the folder). That machine has PyTorch, transformers, tokenizers,
 # safetensors, numpy, pyarrow, fsspec, PyYAML and pytest, but no pydantic or polars, and no network.
+# gpu_check.py needs only pydantic (config, models): the scoring engine needs no polars.
 #
-#   bash bench/gpu_wheels.sh               # pydantic and its needs; polars too when it fits
-#   bash bench/gpu_wheels.sh --no-polars   # without polars (gpu_check then stubs the benchmark table)
+#   bash bench/gpu_wheels.sh               # pydantic and its needs
 #
 # Versions are those of this checkout's .venv, so the GPU run imports what CI tests. Wheels are
 # for the GPU machine's Python (GPU_PYTHON_VERSION, default 3.12: KINDS.md's python3 3.12.3),
 # x86-64 manylinux. They travel compressed: gpu_check.py unpacks them there, into a temporary
 # folder, and puts it first on sys.path, so nothing unpacked ever lies in the carried folder.
 # typing_extensions is carried too: pydantic 2.14 needs >= 4.16, newer than the GPU image may hold.
-# The device call's limit is 64 MiB for the working tree and the carried paths together; polars
-# (~55 MB) is left out, with a warning, when the total would come within 4 MiB of it.
+# The device call's limit is 64 MiB for the working tree and the carried paths together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,14 +19,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 GPU_PYTHON_VERSION=${GPU_PYTHON_VERSION:-3.12}
 DEST=bench/.wheels
 LIMIT_BYTES=$((64 * 1024 * 1024))
-MARGIN_BYTES=$((4 * 1024 * 1024))
 
-with_polars=1
-case "${1:-}" in
-    "") ;;
-    --no-polars) with_polars=0 ;;
-    *) echo "gpu_wheels.sh: unknown argument '$1' (expected nothing or --no-polars)" >&2; exit 2 ;;
-esac
+if [ $# -gt 0 ]; then
+    echo "gpu_wheels.sh: unknown argument '$1' (expected none)" >&2
+    exit 2
+fi
 
 version_of() {
     "$PYTHON" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1"
@@ -55,26 +51,11 @@ for name in pydantic pydantic_core annotated-types typing-inspection typing_exte
 done
 download "${pins[@]}"
 
-if [ "$with_polars" = 1 ]; then
-    polars_pins=("polars==$(version_of polars)")
-    runtime=$("$PYTHON" -c 'import importlib.metadata as m
-print(next((r.split(";")[0].replace(" ", "") for r in m.requires("polars") or []
-            if r.startswith("polars-runtime-32")), ""))')
-    [ -n "$runtime" ] && polars_pins+=("$runtime")
-    download "${polars_pins[@]}"
-    total=$(($(tree_bytes) + $(du -sb "$DEST" | cut -f1)))
-    if [ "$total" -gt $((LIMIT_BYTES - MARGIN_BYTES)) ]; then
-        echo "gpu_wheels.sh: with polars the call would carry $((total / 1048576)) MiB (limit 64);" \
-             "leaving polars out: gpu_check stubs score_traces' benchmark table" >&2
-        rm -f "$DEST"/polars-*.whl "$DEST"/polars_runtime*.whl
-    fi
-fi
-
 wheels_bytes=$(du -sb "$DEST" | cut -f1)
 total=$(($(tree_bytes) + wheels_bytes))
 ls -1 "$DEST"
 echo "wheels $((wheels_bytes / 1024)) KiB; with the working tree $((total / 1048576)) MiB of the call's 64 MiB"
 if [ "$total" -gt "$LIMIT_BYTES" ]; then
-    echo "gpu_wheels.sh: over the 64 MiB limit; rerun with --no-polars" >&2
+    echo "gpu_wheels.sh: over the 64 MiB limit" >&2
     exit 1
 fi

@@ -1,9 +1,9 @@
 """bench/gpu_check.py runs end to end on CPU (``--dry-run``), as the GPU machine will run it.
 
 The dry run goes through every phase of the real run on tiny shapes. It runs in a subprocess
-where the packages the GPU machine lacks and does not get carried (Prefect, vLLM, lm-eval) and
-polars (carried only when it fits) cannot be imported, so an import that would fail there fails
-here first.
+where the packages the GPU machine lacks and does not get carried (Prefect, vLLM, lm-eval,
+polars) cannot be imported, so an import that would fail there fails here first; the scoring
+engine runs for real (every metric and the per-benchmark table) without polars.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from rbridge_core.metrics import METRICS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "bench"
@@ -92,7 +94,12 @@ def test_dry_run_reports_every_figure(dry_run):
     for path in ("engine", "engine_forward", "naive"):
         assert scoring[path]["tokens_per_s"] > 0
     assert scoring["ratio"] > 0
-    assert "stubbed" in scoring["engine"]["path"]  # polars blocked, as on a GPU machine without
+    engine = scoring["engine"]
+    assert engine["path"] == "score_traces"  # the real engine, nothing stubbed, polars blocked
+    assert engine["benchmarks"] == ["gsm8k", "gsm8k_gpt4o_mini"]  # the per-benchmark table
+    assert engine["benchmark_rows"] == len(engine["benchmarks"]) * len(engine["metrics"])
+    # Every metric: the span metrics need traces with spans, which the GSM8K slices have not.
+    assert set(METRICS) - set(engine["metrics"]) == {"span_bpb", "span_nll"}
     assert [p["model"] for p in data["parity"]] == ["tiny (random init)", "tiny-math (trained)"]
     for parity in data["parity"]:
         assert parity["tokens"] > 0
@@ -125,5 +132,5 @@ def test_carried_wheels_fit_only_their_python():
     assert _wheel_fits(Path("pydantic-2.14.4-py3-none-any.whl"))
     assert _wheel_fits(Path(f"pydantic_core-2.50.5-{here}-{here}-manylinux_2_17_x86_64.whl"))
     assert not _wheel_fits(Path(f"pydantic_core-2.50.5-{other}-{other}-manylinux_2_17_x86_64.whl"))
-    assert _wheel_fits(Path("polars_runtime_32-2.1.0-cp39-abi3-manylinux_2_17_x86_64.whl"))
-    assert not _wheel_fits(Path("polars_runtime_32-2.1.0-cp399-abi3-manylinux_2_17_x86_64.whl"))
+    assert _wheel_fits(Path("example-1.0-cp39-abi3-manylinux_2_17_x86_64.whl"))
+    assert not _wheel_fits(Path("example-1.0-cp399-abi3-manylinux_2_17_x86_64.whl"))
