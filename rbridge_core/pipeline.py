@@ -458,11 +458,21 @@ def write_run(
     """Write a run folder: the three tables, report.md with plots, then manifest.json (last, so
     its presence marks a complete run). Each file is written atomically. ``revision`` names the
     code's revision where there is no git checkout (an image built from one)."""
-    from rbridge_core.ranking import rank_corpora
+    from rbridge_core.ranking import ALL_AGGREGATE, rank_corpora, ranking_notes
     from rbridge_core.report import render_report, write_report
 
     item_scores, scores = collect_scores(results)
-    ranking = rank_corpora(scores)
+    # `all` gets its interval from the same resampling settings as the per-benchmark intervals
+    ranking = rank_corpora(
+        scores,
+        item_scores=item_scores,
+        n_resamples=config.scoring.bootstrap_samples,
+        level=config.scoring.ci_level,
+        seed=config.scoring.seed,
+    )
+    notes = ranking_notes(scores)
+    for note in notes:
+        logger.warning("ranking %s: %s", config.name, note)
     write_bytes_atomic(join(run_dir, "item_scores.parquet"), _parquet(item_scores))
     write_bytes_atomic(join(run_dir, "scores.parquet"), _parquet(scores))
     write_bytes_atomic(join(run_dir, "ranking.parquet"), _parquet(ranking))
@@ -495,6 +505,7 @@ def write_run(
         | {name: {"status": "failed", "error": error} for name, error in failed.items()},
         "failed": failed,
         "timings_seconds": timings or {},
+        "ranking": {"all": ALL_AGGREGATE, "notes": notes},
         "files": [*RUN_FILES, *sorted(report.images)],
     }
     write_bytes_atomic(join(run_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())

@@ -58,6 +58,11 @@ from rbridge_core.metrics import higher_is_better
 from rbridge_core.schemas import RANKING
 
 ALL_BENCHMARKS = "all"
+# How benchmark ``all`` is computed, in one line for manifests and logs.
+ALL_AGGREGATE = (
+    "mean over benchmarks of per-benchmark standardised values (value minus the ranked corpora's "
+    "mean, divided by their standard deviation); interval: paired percentile bootstrap over items"
+)
 REQUIRED_COLUMNS = ("corpus", "benchmark", "metric", "value")
 # Metrics in bits per UTF-8 byte of the scored text: comparable across tokenizers.
 TOKENIZER_FREE_METRICS = ("trace_bpb", "span_bpb")

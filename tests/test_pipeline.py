@@ -499,6 +499,74 @@ def test_ranking_summary_of_an_absent_metric_is_empty():
     assert pipeline.ranking_summary(RANKING.empty_table(), "trace_nll").is_empty()
 
 
+def _score_files(
+    tmp_path, corpus: str, tokenizer: str, shift: float, salt: int
+) -> pipeline.ScoreRef:
+    """item_scores/scores Parquet files of one corpus: two benchmarks, a per-token metric and a
+    tokenizer-free one, scored with ``tokenizer``; item values shuffled by ``salt``, their mean
+    0.2 + ``shift``."""
+    from rbridge_core.schemas import ITEM_SCORES, SCORES
+    from rbridge_core.storage import parquet_bytes, write_bytes_atomic
+
+    rows = [
+        {"corpus": corpus, "benchmark": b, "item_id": f"{b}-{i}", "metric": m,
+         "value": shift + ((i * (7 + salt) + len(b)) % 5) / 10, "n_tokens": 5,
+         "checkpoint": f"{corpus}/final", "truncated_prompt_tokens": 0,
+         "truncated_trace_tokens": 0}
+        for b in ("arc", "gsm8k") for m in ("trace_nll", "trace_bpb") for i in range(20)
+    ]  # fmt: skip
+    items = pl.DataFrame(rows, schema=pl.from_arrow(ITEM_SCORES.empty_table()).schema)
+    scores = (
+        items.group_by("corpus", "benchmark", "metric", "checkpoint", maintain_order=True)
+        .agg(pl.col("value").mean(), pl.len().alias("n_items"))
+        .with_columns(tokenizer=pl.lit(tokenizer), context_tokens=pl.lit(2048))
+    )
+    for column in SCORES.names:
+        if column not in scores.columns:
+            scores = scores.with_columns(pl.lit(None).alias(column))
+    ref = pipeline.ScoreRef(
+        corpus=corpus,
+        checkpoint=f"{corpus}/final",
+        item_scores_uri=str(tmp_path / corpus / "item_scores.parquet"),
+        scores_uri=str(tmp_path / corpus / "scores.parquet"),
+        key=corpus * 8,
+    )
+    write_bytes_atomic(ref.item_scores_uri, parquet_bytes(items.to_arrow().cast(ITEM_SCORES)))
+    scores = scores.select(SCORES.names).to_arrow().cast(SCORES)
+    write_bytes_atomic(ref.scores_uri, parquet_bytes(scores))
+    return ref
+
+
+def test_write_run_ranks_with_intervals_and_records_the_notes(tmp_path):
+    tokenizers = {"a": "1111111111111111", "b": "1111111111111111", "c": "2222222222222222"}
+    results = [
+        pipeline.CorpusResult(
+            corpus=c, proxies=[], scores=[_score_files(tmp_path, c, tokenizers[c], k / 3, k)]
+        )
+        for k, c in enumerate(tokenizers)
+    ]
+    run_dir = str(tmp_path / "run")
+    outputs = pipeline.write_run(
+        run_dir, _rank_config(), _traces_ref(), results, {}, revision="abc"
+    )
+    ranking = pl.from_arrow(outputs.ranking)
+    # mixed tokenizers: only the tokenizer-free metric is ranked
+    assert set(ranking["metric"]) == {"trace_bpb"}
+    overall = ranking.filter(pl.col("benchmark") == "all").sort("rank")
+    assert overall["corpus"].to_list() == ["a", "b", "c"]
+    # `all` has the paired-bootstrap interval around its value
+    assert overall["ci_low"].is_not_null().all()
+    assert (overall["ci_low"] <= overall["value"]).all()
+    assert (overall["value"] <= overall["ci_high"]).all()
+    notes = outputs.manifest["ranking"]["notes"]
+    assert len(notes) == 1 and "c: 2222222222222222" in notes[0]
+    assert "standardised" in outputs.manifest["ranking"]["all"]
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert saved["ranking"] == outputs.manifest["ranking"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Notes" in report and "c: 2222222222222222" in report
+
+
 def test_training_for_attempt_halves_the_micro_batch_keeping_tokens_per_step():
     proxy = _proxy()  # batch 16, accumulation 1
     assert pipeline.training_for_attempt(proxy, 1) is proxy
