@@ -130,6 +130,8 @@ def _fan_out(config: RankConfig, traces: pipeline.TracesRef, run_id: str, width:
 
     One at a time runs in this thread: CPU training in a worker thread runs ~1.5x slower
     here (OpenMP's thread team is per calling thread, and a new one does not spin-wait).
+    Wider, the threads' model work (training, scoring) takes turns: building a transformers
+    model is not thread-safe (``pipeline._MODEL_WORK``); the rest of each corpus overlaps.
     """
 
     def parameters(corpus: CorpusConfig) -> dict:

@@ -16,6 +16,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -226,6 +227,14 @@ def stage_traces(cfg: TracesConfig, cache_dir: str) -> TracesRef:
 
 # --- training ------------------------------------------------------------------------------------
 
+# transformers builds and loads a model by patching process-wide state (torch.nn.init functions,
+# PreTrainedModel.init_weights / tie_weights, the default dtype) and restoring it afterwards, and
+# build_model seeds torch's global RNG: two threads doing it at once (rank-corpora's thread pool,
+# max_concurrency > 1) leave models, and every later one in the process, half on the meta device
+# or uninitialised. So the model work of one process takes turns; fingerprints, cache look-ups,
+# downloads and the Prefect bookkeeping of other corpora still overlap it.
+_MODEL_WORK = threading.Lock()
+
 
 def _read_json(uri: str) -> dict:
     return json.loads(read_bytes(uri))
@@ -282,16 +291,17 @@ def train_corpus(
         return _proxy_ref(corpus.name, final, key, trained=False, seconds=0.0)
     t0 = time.perf_counter()
     proxy = training_for_attempt(proxy, attempt)
-    train_proxy(
-        corpus.spec(),
-        proxy.tokenizer,
-        proxy.model(),
-        proxy.training,
-        run_dir,
-        resume=True,
-        repeat=proxy.repeat_corpus,
-        device=None if proxy.device == "auto" else proxy.device,
-    )
+    with _MODEL_WORK:
+        train_proxy(
+            corpus.spec(),
+            proxy.tokenizer,
+            proxy.model(),
+            proxy.training,
+            run_dir,
+            resume=True,
+            repeat=proxy.repeat_corpus,
+            device=None if proxy.device == "auto" else proxy.device,
+        )
     return _proxy_ref(corpus.name, final, key, trained=True, seconds=time.perf_counter() - t0)
 
 
@@ -357,9 +367,10 @@ def score_proxy(
     trace_rows = read_traces(traces.uri)
     with tempfile.TemporaryDirectory(prefix="rbridge-model-") as tmp:
         model_dir = download_dir(proxy.uri, tmp) if is_url(proxy.uri) else proxy.uri
-        result = score_model_dir(
-            model_dir, trace_rows, scoring_for_attempt(scoring, attempt), corpus=proxy.corpus
-        )
+        with _MODEL_WORK:
+            result = score_model_dir(
+                model_dir, trace_rows, scoring_for_attempt(scoring, attempt), corpus=proxy.corpus
+            )
     item_scores = _with_checkpoint(result.item_scores, proxy.uri)
     scores = _with_checkpoint(result.scores, proxy.uri)
     write_bytes_atomic(ref.item_scores_uri, _parquet(item_scores))
