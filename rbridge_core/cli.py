@@ -252,7 +252,9 @@ def rank(
 @_clear_errors
 def demo(
     out: str = typer.Option("out/demo", help="Where the demo's run folders go."),
-    max_concurrency: int = typer.Option(1, help="Corpora trained at once."),
+    max_concurrency: int = typer.Option(
+        1, help="Corpora in flight at once (model building and training take turns in-process)."
+    ),
 ):
     """Rank five real corpus slices on GSM8K and CommonsenseQA traces with tiny proxies (CPU)."""
     from rbridge_core.config import ExecutionConfig, demo_config

@@ -249,6 +249,8 @@ def check_packing(model, max_len: int) -> bool:
         (t_packed, a_packed), *rest = run_forward(model, packed + alone[2:], config, window=window)
     except NonFiniteScores:
         return False  # broken weights: scoring itself reports them, naming the trace
+    except torch.OutOfMemoryError:
+        raise  # transient: the caller's retry halves the batch, packing is not at fault
     except (RuntimeError, ValueError, TypeError) as err:
         logger.info("packed answers unsupported by %s: %s", type(model).__name__, err)
         return False
