@@ -593,21 +593,30 @@ def _describe(tokenizers: dict[str, set[str]]) -> str:
 
 
 def _truncated(df: pl.DataFrame) -> list[str]:
-    """``corpus on benchmark: k of n items`` where scoring truncated items."""
+    """Per benchmark with truncated items: ``gsm8k 3 of 50 items (every corpus)`` when every
+    corpus lost the same items' worth, else ``gsm8k: a 3 of 50 items, b 1 of 50 items``."""
     if "n_truncated_items" not in df.columns:
         return []
     n_items = pl.col("n_items").max() if "n_items" in df.columns else pl.lit(None, pl.Int64)
-    rows = (
-        df.filter(pl.col("n_truncated_items") > 0)
-        .group_by("corpus", "benchmark")
-        .agg(pl.col("n_truncated_items").max(), n_items.alias("n_items"))
-        .sort("corpus", "benchmark")
+    per_corpus = (
+        df.group_by("benchmark", "corpus")
+        .agg(pl.col("n_truncated_items").max().fill_null(0).alias("cut"), n_items.alias("n"))
+        .sort("benchmark", "corpus")
     )
-    return [
-        f"{r['corpus']} on {r['benchmark']} {r['n_truncated_items']}"
-        + (f" of {r['n_items']} items" if r["n_items"] is not None else " items")
-        for r in rows.iter_rows(named=True)
-    ]
+    found = []
+    for (benchmark,), part in per_corpus.partition_by("benchmark", as_dict=True).items():
+        if not (part["cut"] > 0).any():
+            continue
+        counts = [
+            f"{r['cut']}" + (f" of {r['n']} items" if r["n"] is not None else " items")
+            for r in part.iter_rows(named=True)
+        ]
+        if len(set(counts)) == 1 and len(counts) > 1:
+            found.append(f"{benchmark} {counts[0]} (every corpus)")
+        else:
+            cut = [f"{c} {n}" for c, n, k in zip(part["corpus"], counts, part["cut"]) if k > 0]
+            found.append(f"{benchmark}: {', '.join(cut)}")
+    return sorted(found)
 
 
 def _rank(df: pl.DataFrame) -> pl.DataFrame:

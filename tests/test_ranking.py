@@ -433,7 +433,13 @@ def test_notes_name_context_lengths_and_truncated_items() -> None:
     )
     context, cut = ranking_notes(truncated)
     assert "different context lengths (a: 2048, b: 512 tokens)" in context
-    assert "b on gsm8k 3 of 10 items" in cut and "arc" not in cut
+    assert "gsm8k: b 3 of 10 items." in cut and "arc" not in cut
+    # The same cut for every corpus is said once.
+    everywhere = truncated.with_columns(n_truncated_items=pl.lit(2))
+    assert (
+        "arc 2 of 10 items (every corpus); gsm8k 2 of 10 items (every corpus)."
+        in (ranking_notes(everywhere)[1])
+    )
     # Differences are reported, not refused.
     assert rank_corpora(truncated, mixed_tokenizers="refuse").num_rows == 2 * 3
 
