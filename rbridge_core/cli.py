@@ -286,7 +286,9 @@ def _run_ranking(cfg) -> None:
         for r in ranking.to_pylist()
         if r["metric"] == metric and r["benchmark"] == "all"
     }
-    table = Table(title=f"corpus ranks on {metric} (1 = best; value: mean over benchmarks)")
+    table = Table(
+        title=f"corpus ranks on {metric} (1 = best; value: mean standardised value over benchmarks)"
+    )
     for col in [*summary.columns, "value"]:
         table.add_column(col)
     for row in summary.iter_rows():
