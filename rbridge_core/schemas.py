@@ -76,3 +76,60 @@ RANK_DRIFT = pa.schema(
         pa.field("previous_value", pa.float64()),
     ]
 )
+
+# --- analysis (DESIGN.md "Targets" and "Analysis outputs") -------------------------------------
+
+TARGETS = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("target", pa.float64(), nullable=False),
+        pa.field("higher_is_better", pa.bool_()),  # default true
+        pa.field("checkpoint", pa.string()),
+        pa.field("params", pa.int64()),
+        pa.field("train_tokens", pa.int64()),
+        pa.field("step", pa.int64()),
+    ]
+)
+TARGETS_REQUIRED = ("corpus", "benchmark", "target")
+
+BACKTEST = pa.schema(
+    [
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("decision_accuracy", pa.float64()),
+        pa.field("decision_accuracy_low", pa.float64()),
+        pa.field("decision_accuracy_high", pa.float64()),
+        pa.field("kendall_tau", pa.float64()),
+        pa.field("kendall_tau_low", pa.float64()),
+        pa.field("kendall_tau_high", pa.float64()),
+        pa.field("spearman_rho", pa.float64()),
+        pa.field("spearman_rho_low", pa.float64()),
+        pa.field("spearman_rho_high", pa.float64()),
+        pa.field("n_corpora", pa.int64(), nullable=False),
+        pa.field("n_pairs", pa.int64(), nullable=False),  # pairs whose targets differ
+    ]
+)
+
+FIT = pa.schema(
+    [
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("form", pa.string(), nullable=False),  # linear, quadratic, exponential, logarithmic
+        pa.field("train_r2", pa.float64()),
+        pa.field("test_mae", pa.float64()),
+        pa.field("parameters", pa.list_(pa.float64())),  # of the fit on all points
+        pa.field("n_points", pa.int64(), nullable=False),
+        pa.field("n_folds", pa.int64(), nullable=False),
+    ]
+)
+
+PAIRWISE = pa.schema(
+    [
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("corpus_a", pa.string(), nullable=False),
+        pa.field("corpus_b", pa.string(), nullable=False),
+        pa.field("p_a_better", pa.float64()),  # paired bootstrap over items
+    ]
+)
