@@ -353,6 +353,12 @@ def traces_import_openai(
     console.print(f"wrote {len(rows)} traces with frontier logprobs to {out}")
 
 
+# `rbridge fit` and `rbridge forecast` live with the analysis (typer and rich only at import).
+from rbridge_core.analysis.fit_cli import register as register_fit_commands  # noqa: E402
+
+register_fit_commands(app, _clear_errors)
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m rbridge_core.cli`
     sys.exit(app())
 
