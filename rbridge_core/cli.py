@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from rbridge_core.errors import RbridgeError
 
@@ -41,17 +43,33 @@ HEADLINE_METRICS = (
 
 
 def _clear_errors(command):
-    """Turn user-input errors into one line on stderr and exit code 2 (no traceback)."""
+    """Turn bad input and file-system faults into one line on stderr and exit code 2 (no
+    traceback): ``error: <what> (<file>): <why>``."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (RbridgeError, FileNotFoundError) as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+        except RbridgeError as err:
+            _error_line(str(err))
+        except OSError as err:  # a file that vanished, a folder refused, a disk gone read-only
+            if err.filename is not None and err.strerror:
+                _error_line(f"file system error ({err.filename}): {err.strerror}")
+            else:
+                _error_line(f"{type(err).__name__}: {err}")
+        raise typer.Exit(2)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr; the message is shown as it is (never read as markup)."""
+    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    """One line of plain text on stderr: paths and names in it are never read as markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -77,6 +95,7 @@ def score(
 ):
     """Score a model against reasoning traces: item_scores.parquet and scores.parquet."""
     from rbridge_core.config import ScoringConfig
+    from rbridge_core.outputs_check import check_writable
     from rbridge_core.scoring import score_model_dir
     from rbridge_core.storage import join, write_parquet_atomic
     from rbridge_core.traces import read_traces
@@ -84,6 +103,7 @@ def score(
     _quiet_libraries()
     overrides = {"batch_max_tokens": batch_max_tokens, "device": device}
     cfg = _load_config(ScoringConfig, config, {k: v for k, v in overrides.items() if v is not None})
+    check_writable(out)
     trace_rows = read_traces(traces)
     with _progress() as progress:
         task = progress.add_task("scoring", total=None)
@@ -93,7 +113,7 @@ def score(
     write_parquet_atomic(result.item_scores, join(out, "item_scores.parquet"))
     write_parquet_atomic(result.scores, join(out, "scores.parquet"))
     _print_headline(result.scores)
-    console.print(
+    _say(
         f"{result.n_scored_tokens} trace tokens of {len(trace_rows)} items in "
         f"{result.seconds:.1f}s; wrote {join(out, 'item_scores.parquet')} and "
         f"{join(out, 'scores.parquet')}"
@@ -140,8 +160,8 @@ def _print_headline(scores) -> None:
         table.add_column(col)
     for row in df.sort(["benchmark", "metric"]).iter_rows(named=True):
         table.add_row(
-            row["benchmark"],
-            row["metric"],
+            Text(row["benchmark"]),
+            Text(row["metric"]),
             f"{row['value']:.4f}",
             f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]",
             str(row["n_items"]),
@@ -173,6 +193,7 @@ def train(
 
     from rbridge_core.corpora import CorpusSpec
     from rbridge_core.models import model_preset
+    from rbridge_core.outputs_check import check_writable
     from rbridge_core.proxy import Distributed, train_proxy
     from rbridge_core.training import TrainingConfig
 
@@ -184,9 +205,14 @@ def train(
     cfg = _load_config(TrainingConfig, config, overrides)
     spec = CorpusSpec(name or Path(corpus[0]).stem, tuple(corpus), text_field=text_field)
     show = dist.rank == 0
+    if show:  # one rank probes: another's clean-up could race a probe
+        check_writable(out)
     with _step_progress(disable=not show) as progress:
         task = progress.add_task(
-            f"training {preset} on {spec.name}", total=None, loss=float("nan"), tok_s=0.0
+            escape(f"training {preset} on {spec.name}"),
+            total=None,
+            loss=float("nan"),
+            tok_s=0.0,
         )
 
         def on_step(report) -> None:
@@ -211,7 +237,7 @@ def train(
             on_step=on_step,
         )
     if show:
-        console.print(
+        _say(
             f"trained {preset} ({result.n_params:,} params) on {spec.name}: "
             f"{result.tokens_seen:,} tokens, final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:,.0f} tok/s; model in {result.final_dir}"
@@ -264,19 +290,43 @@ def demo(
 
 
 def _run_ranking(cfg) -> None:
-    import os
+    """Run the ranking flow on ``cfg`` and print its table; failures once each, one line.
 
+    The outputs are checked writable first. Prefect's log (tracebacks included) goes to a file
+    under the cache (``run_log``); the API is ``PREFECT_API_URL`` when set, else a temporary
+    server that stops with this process, even when it is killed (``local_server``).
+    """
+    import os
+    from contextlib import ExitStack
+
+    from rbridge_core import run_log
+    from rbridge_core.outputs_check import check_writable
+
+    check_writable(cfg.output)
+    if cfg.cache_dir != cfg.output:
+        check_writable(cfg.cache_dir)
     # the library's progress lines appear in the Prefect UI's run logs too
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rbridge_core")
     _quiet_libraries()
-    from flows.rank import RankingFailed, rank_corpora
+    try:
+        from flows.rank import RankingFailed, rank_corpora
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in ("prefect", "fastapi"):
+            raise
+        raise RbridgeError(
+            f"Prefect is not installed ({err.name}): the ranking runs as Prefect flows; "
+            "install the 'prefect' extra: pip install 'rbridge[prefect]'"
+        ) from None
     from rbridge_core.pipeline import ranking_summary, read_parquet
     from rbridge_core.storage import join
 
-    try:
-        manifest = rank_corpora(cfg)
-    except RankingFailed as err:
-        raise RbridgeError(str(err)) from None
+    with ExitStack() as stack:
+        log = stack.enter_context(run_log.run_logging(run_log.log_path(cfg.cache_dir, cfg.name)))
+        _use_prefect_api(stack, log)
+        try:
+            manifest = rank_corpora(cfg)
+        except RankingFailed as err:
+            raise RbridgeError(f"{err}; tracebacks in {log}") from None
     run_dir = manifest["run"]
     metric = cfg.headline_metrics[0]
     ranking = read_parquet(join(run_dir, "ranking.parquet"))
@@ -287,23 +337,50 @@ def _run_ranking(cfg) -> None:
         if r["metric"] == metric and r["benchmark"] == "all"
     }
     table = Table(
-        title=f"corpus ranks on {metric} (1 = best; value: mean standardised value over benchmarks)"
+        title=Text(
+            f"corpus ranks on {metric} (1 = best; value: mean standardised value over benchmarks)"
+        )
     )
     for col in [*summary.columns, "value"]:
-        table.add_column(col)
+        table.add_column(Text(col))
     for row in summary.iter_rows():
         value = overall.get(row[0])
-        cells = ["-" if v is None else str(v) for v in row]
+        cells = [Text("-" if v is None else str(v)) for v in row]
         table.add_row(*cells, "-" if value is None else f"{value:.4f}")
     Console().print(table)
     for name, error in manifest["failed"].items():
-        console.print(f"[bold red]failed:[/] {name}: {error}", highlight=False, soft_wrap=True)
-    console.print(
+        console.print(
+            Text.assemble(("failed:", "bold red"), f" {name}: {error} (traceback in {log})"),
+            soft_wrap=True,
+        )
+    _say(
         f"run folder: {run_dir} (ranking.parquet, scores.parquet, item_scores.parquet, "
-        f"report.md, manifest.json)",
-        highlight=False,
-        soft_wrap=True,
+        f"report.md, manifest.json)"
     )
+
+
+def _use_prefect_api(stack, log) -> None:
+    """``PREFECT_API_URL`` when set; else a temporary server for the ``stack``'s length, whose
+    output joins the run's ``log``, Prefect's buffered run logs and events drained into it
+    before it stops."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from rbridge_core.local_server import temporary_server
+
+    if PREFECT_API_URL.value():
+        return
+    url = stack.enter_context(temporary_server(log))
+    # no UI on a temporary server: no "View at <url>" lines
+    stack.enter_context(temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ""}))
+    stack.callback(_drain_prefect)  # runs first on leaving: the server is still up
+
+
+def _drain_prefect() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 @traces_app.command("build")
@@ -320,7 +397,7 @@ def traces_build(
 
     rows = [t for name in benchmark for t in load_benchmark(name, data_dir=data_dir, limit=limit)]
     write_traces(rows, out)
-    console.print(f"wrote {len(rows)} traces to {out}")
+    _say(f"wrote {len(rows)} traces to {out}")
 
 
 @traces_app.command("validate")
@@ -350,7 +427,7 @@ def traces_import_openai(
 
     rows = traces_from_openai_jsonl(responses)
     write_traces(rows, out)
-    console.print(f"wrote {len(rows)} traces with frontier logprobs to {out}")
+    _say(f"wrote {len(rows)} traces with frontier logprobs to {out}")
 
 
 # `rbridge fit` and `rbridge forecast` live with the analysis (typer and rich only at import).

@@ -327,15 +327,25 @@ def traces_from_openai_jsonl(
     raises. Rows with missing keys always raise.
 
     Returns: one ``Trace`` per kept row, in file order.
-    Raises: TracesError naming the file, the line and the problem.
+    Raises: TracesError naming the file, the line and the problem; also for a file that is not
+    UTF-8 text (a binary file) and for one that yields no trace (empty, or every row dropped).
     """
     from rbridge_core.traces import Trace
 
     traces: list[Trace] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    n_rows = 0
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TracesError(
+                    f"cannot import replies ({os.fspath(path)}): line {line_no} is not UTF-8 "
+                    f"text ({err.reason} at byte {err.start}); expected JSON lines"
+                ) from None
             if not line.strip():
                 continue
+            n_rows += 1
             where = f"{os.fspath(path)}:{line_no}"
             row, content = _parse_row(line, where)
             try:
@@ -356,6 +366,9 @@ def traces_from_openai_jsonl(
                     frontier_logprobs=tuple(logprobs),
                 )
             )
+    if not traces:
+        why = "every row was dropped as invalid" if n_rows else "the file holds no JSON lines"
+        raise TracesError(f"no traces to import ({os.fspath(path)}): {why}")
     return traces
 
 

@@ -106,11 +106,14 @@ def write_traces(traces: Iterable[Trace], path: str | Path) -> None:
     The format follows the suffix: ``.parquet`` -> Parquet; ``.jsonl`` / ``.jsonl.gz`` -> JSON
     lines (optional fields that are None are left out). The file is written under a temporary
     name in the same folder and then renamed, so readers never see a half-written file. Raises
-    TracesError if a trace breaks the contract, before anything is written.
+    TracesError if a trace breaks the contract, or there is none (an empty file reads as
+    invalid), before anything is written.
     """
     path = str(path)
     fmt = _format_of(path)
     table = traces_to_table(traces)
+    if table.num_rows == 0:
+        raise TracesError(f"no traces to write ({path}): a traces file needs at least one row")
     validate_table(table, source=path)
     payload = parquet_bytes(table) if fmt == "parquet" else _jsonl_bytes(table, path)
     write_bytes_atomic(path, payload)
