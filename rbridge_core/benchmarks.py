@@ -43,6 +43,7 @@ from typing import Any
 import fsspec
 
 from rbridge_core.errors import RbridgeError
+from rbridge_core.hub import HubRoot, hub_records, parse_hub_root
 from rbridge_core.traces import Trace, traces_to_table, validate_table
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -71,14 +72,24 @@ Record = dict[str, Any]
 
 
 class _Source:
-    """One JSONL file of a data root; names the file and line in every error it raises."""
+    """One JSONL file of a data root, or its hub dataset's rows mapped onto the file's layout
+    (``data_dir`` a ``hub.HubRoot``); names the file (dataset) and line (row) in every error."""
 
-    def __init__(self, data_dir: Path, relative_path: str, benchmark: str) -> None:
-        self.path = data_dir / relative_path
+    def __init__(self, data_dir: Path | HubRoot, relative_path: str, benchmark: str) -> None:
         self.benchmark = benchmark
+        self._hub_rows = None
+        self._unit = "line"
+        if isinstance(data_dir, HubRoot):
+            self.path, self._hub_rows = hub_records(data_dir, relative_path, benchmark)
+            self._unit = "row"
+        else:
+            self.path = data_dir / relative_path
 
     def records(self) -> Iterator[tuple[int, Record]]:
-        """Yield (line number, record) for each non-blank line."""
+        """Yield (line number, record) for each non-blank line (hub: row number, row)."""
+        if self._hub_rows is not None:
+            yield from self._hub_rows
+            return
         if not self.path.is_file():
             raise RbridgeError(
                 f"benchmark '{self.benchmark}': data file not found: {self.path}; data_dir must "
@@ -110,7 +121,7 @@ class _Source:
 
     def error(self, line_number: int, problem: str) -> RbridgeError:
         return RbridgeError(
-            f"benchmark '{self.benchmark}': {self.path}: line {line_number}: {problem}"
+            f"benchmark '{self.benchmark}': {self.path}: {self._unit} {line_number}: {problem}"
         )
 
 
@@ -124,13 +135,16 @@ def load_benchmark(
     """Return the first ``limit`` items (all when None) of benchmark ``name`` as validated Traces.
 
     ``data_dir`` is a data root laid out like the shared data folder; None means the slices
-    shipped in :data:`EXAMPLES_DIR`. Raises RbridgeError for an unknown name (with the available
-    names), a missing file or a malformed record (naming file and line).
+    shipped in :data:`EXAMPLES_DIR`; ``"hf:"`` reads each benchmark's hub dataset through
+    ``datasets`` (``hub.HUB_BENCHMARK_FILES``: ``openai/gsm8k``, ...) and ``"hf:<folder>"`` a
+    local mirror of those repositories (``<folder>/openai/gsm8k``, ...). Raises RbridgeError for
+    an unknown name (with the available names), a missing file or a malformed record (naming
+    file and line).
     """
     loader = _loader_for(name)
     if limit is not None and limit < 0:
         raise RbridgeError(f"limit must be >= 0 or None, got {limit}")
-    root = EXAMPLES_DIR if data_dir is None else Path(data_dir)
+    root = EXAMPLES_DIR if data_dir is None else parse_hub_root(data_dir) or Path(data_dir)
     traces = list(islice(loader(root), limit))
     validate_table(traces_to_table(traces), source=f"benchmark '{name}' from {root}")
     return traces

@@ -436,6 +436,13 @@ from rbridge_core.analysis.fit_cli import register as register_fit_commands  # n
 register_fit_commands(app, _clear_errors)
 
 
+# `traces backfill` and `traces import-hf`: bodies in traces_cli (typer only at import).
+from rbridge_core.traces_cli import traces_backfill, traces_import_hf  # noqa: E402
+
+traces_app.command("backfill")(_clear_errors(traces_backfill))
+traces_app.command("import-hf")(_clear_errors(traces_import_hf))
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m rbridge_core.cli`
     sys.exit(app())
 

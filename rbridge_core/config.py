@@ -119,8 +119,20 @@ HEADLINE_METRICS = ("rbridge_nll", "trace_nll", "answer_nll", "top5_acc:token_fr
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+class HubDatasetConfig(_Frozen):
+    """A dataset on the Hugging Face hub (or a local folder laid out like one), streamed."""
+
+    name: str = Field(..., min_length=1, description="Dataset id (org/name) or local folder.")
+    config: str | None = Field(None, description="Dataset config (subset); default: the default.")
+    split: str = Field("train", min_length=1, description="Split to read.")
+    revision: str | None = Field(
+        None, description="Branch, tag or commit; default: the latest (pin it for reproducibility)."
+    )
+
+
 class CorpusConfig(_Frozen):
-    """One candidate corpus: files or folders (local or s3://) holding its documents."""
+    """One candidate corpus: files or folders (local or s3://), or a hub dataset, holding its
+    documents."""
 
     name: str = Field(
         ..., pattern=_NAME_PATTERN, description="Short unique name (letters, digits, . _ -)."
@@ -133,16 +145,31 @@ class CorpusConfig(_Frozen):
         description="Existing model folders (HF, local or s3://) to score instead of training, "
         "e.g. a ladder of sizes or steps. Empty: train a proxy on this corpus.",
     )
+    hub: HubDatasetConfig | None = Field(
+        None,
+        description="Instead of paths: a hub dataset's config and split, streamed with "
+        "`datasets`; documents are its text_field values.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "CorpusConfig":
-        if not self.paths and not self.checkpoints:
+        if not self.paths and not self.checkpoints and self.hub is None:
             raise ValueError(
-                f"corpus {self.name!r}: give paths (to train a proxy) or checkpoints (to score)"
+                f"corpus {self.name!r}: give paths or hub (to train a proxy) or checkpoints "
+                "(to score)"
             )
+        if self.paths and self.hub is not None:
+            raise ValueError(f"corpus {self.name!r}: give paths or hub, not both")
         return self
 
     def spec(self):
+        if self.hub is not None:
+            from rbridge_core.hub import HubCorpusSpec
+
+            hub = self.hub
+            return HubCorpusSpec(
+                self.name, hub.name, hub.config, hub.split, hub.revision, self.text_field
+            )
         from rbridge_core.corpora import CorpusSpec
 
         return CorpusSpec(self.name, tuple(self.paths), self.text_field, self.format)
@@ -164,8 +191,9 @@ class TracesConfig(_Frozen):
     )
     data_dir: str | None = Field(
         None,
-        description="Full benchmark data laid out like shared/data; default: the slices "
-        "shipped with rbridge.",
+        description="Full benchmark data laid out like shared/data; 'hf:' reads each benchmark "
+        "from its hub dataset (openai/gsm8k, ...), 'hf:FOLDER' from a local mirror of them "
+        "(FOLDER/openai/gsm8k, ...); default: the slices shipped with rbridge.",
     )
 
     @model_validator(mode="after")
@@ -324,6 +352,11 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
                 for key in ("paths", "checkpoints"):
                     if isinstance(corpus.get(key), list):
                         corpus[key] = [_resolve(base, p) for p in corpus[key]]
+                hub = corpus.get("hub")
+                # a local folder laid out like a hub dataset, named relative to the YAML
+                if isinstance(hub, dict) and isinstance(hub.get("name"), str):
+                    if (base / hub["name"]).is_dir() and not Path(hub["name"]).is_absolute():
+                        corpus["hub"] = {**hub, "name": _resolve(base, hub["name"])}
             resolved.append(corpus)
         data["corpora"] = resolved
     traces = data.get("traces")
@@ -331,8 +364,12 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
         traces = dict(traces)
         if isinstance(traces.get("files"), list):
             traces["files"] = [_resolve(base, p) for p in traces["files"]]
-        if traces.get("data_dir"):
-            traces["data_dir"] = _resolve(base, traces["data_dir"])
+        data_dir = traces.get("data_dir")
+        if isinstance(data_dir, str) and data_dir.startswith("hf:"):  # hf: or hf:<mirror folder>
+            mirror = data_dir[len("hf:") :]
+            traces["data_dir"] = "hf:" + (_resolve(base, mirror) if mirror else "")
+        elif data_dir:
+            traces["data_dir"] = _resolve(base, data_dir)
         data["traces"] = traces
     proxy = data.get("proxy")
     if isinstance(proxy, dict) and proxy.get("tokenizer"):
