@@ -24,7 +24,14 @@ import safetensors.torch
 import torch
 
 from rbridge_core.errors import RbridgeError
-from rbridge_core.storage import download_dir, is_url, join, remove_tree, upload_dir
+from rbridge_core.storage import (
+    disk_full_error,
+    download_dir,
+    is_url,
+    join,
+    remove_tree,
+    upload_dir,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -96,15 +103,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def _write_folder_atomic(final: Path, write) -> Path:
-    """``write(tmp)`` fills a temporary sibling of ``final``, which then replaces ``final``."""
+    """``write(tmp)`` fills a temporary sibling of ``final``, which then replaces ``final``.
+
+    On failure the temporary is removed (a full disk is not left fuller; earlier folders are
+    untouched), and a full disk raises ``DiskFullError`` naming ``final``.
+    """
     tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():  # a re-run reaching the same step replaces the old one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists():  # a re-run reaching the same step replaces the old one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as err:
+        # judged before the cleanup, whose freed space would hide a full disk
+        full = disk_full_error(final, err, final.parent) if isinstance(err, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from err
+        raise
     return final
 
 

@@ -117,6 +117,10 @@ class TrainingConfig(BaseModel):
 ProxyPreset = Literal["tiny", "4M", "20M", "60M", "150M", "300M", "530M", "750M", "1B"]
 HEADLINE_METRICS = ("rbridge_nll", "trace_nll", "answer_nll", "top5_acc:token_freq")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A corpus name becomes part of folder names (cache/proxies/<name>-<key>/, task run names): the
+# pattern keeps out path separators and characters a filesystem may refuse, the length keeps
+# the folder under the 255-byte name limit with room to spare.
+CORPUS_NAME_MAX_CHARS = 64
 
 
 class HubDatasetConfig(_Frozen):
@@ -135,7 +139,10 @@ class CorpusConfig(_Frozen):
     documents."""
 
     name: str = Field(
-        ..., pattern=_NAME_PATTERN, description="Short unique name (letters, digits, . _ -)."
+        ...,
+        pattern=_NAME_PATTERN,
+        max_length=CORPUS_NAME_MAX_CHARS,
+        description=f"Short unique name (letters, digits, . _ -; at most {CORPUS_NAME_MAX_CHARS}).",
     )
     paths: list[str] = Field(default_factory=list, description="Files or folders; local or s3://.")
     text_field: str = Field("text", description="Text column (Parquet) or field (JSONL).")

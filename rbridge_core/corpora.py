@@ -17,7 +17,10 @@ folders. Readers keep memory flat whatever the corpus size:
   with an explicit ``format`` is read as that format whatever its suffix.
 
 Documents that are empty strings are skipped; every other problem is a ``CorpusError`` naming the
-file (missing path, file with no documents, corrupt file, missing field, non-string value).
+file (missing path, file with no documents, corrupt or truncated file, undecodable text, a name the
+filesystem refuses, missing field, non-string value), which a retry would meet again. A fault of the
+transport while reading (a connection reset or timeout, S3 throttling, a flaky mount) is a
+``TransientError`` naming the file instead: a retry may read it whole.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -36,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rbridge_core.errors import ConfigError, RbridgeError
+from rbridge_core.errors import ConfigError, RbridgeError, TransientError, is_transport_fault
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ _READ_CHUNK_BYTES = 1 << 20
 
 
 class CorpusError(RbridgeError, ValueError):
-    """A corpus cannot be read; the message names the file and what is wrong with it."""
+    """A corpus cannot be read; the message names the file and what is wrong with it. Permanent:
+    a fault of the transport is a ``TransientError`` instead (see ``_read_error``)."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ def _read_parquet(f: _File, field: str) -> Iterator[str]:
         try:
             pf = pq.ParquetFile(fh)
         except (pa.ArrowException, OSError) as e:
-            raise CorpusError(f"{f.url!r} is not a readable Parquet file: {e}") from e
+            raise _read_error(f, e, "is not a readable Parquet file", "its footer") from e
         names = pf.schema_arrow.names
         if field not in names:
             raise CorpusError(
@@ -236,7 +241,7 @@ def _read_parquet(f: _File, field: str) -> Iterator[str]:
                     if text:
                         yield text
         except (pa.ArrowException, OSError) as e:
-            raise CorpusError(f"{f.url!r} is corrupt near row {row}: {e}") from e
+            raise _read_error(f, e, f"is corrupt near row {row}", f"near row {row}") from e
 
 
 def _read_file(f: _File, field: str) -> Iterator[str]:
@@ -267,10 +272,23 @@ def _iter_files(files: list[_File], field: str) -> Iterator[str]:
                 yield doc
         except UnicodeDecodeError as e:
             raise CorpusError(f"{f.url!r} is not UTF-8 text: {e}") from e
-        except (gzip.BadGzipFile, EOFError, OSError) as e:
-            raise CorpusError(f"{f.url!r} cannot be read: {e}") from e
+        except (EOFError, zlib.error, pa.ArrowException, OSError) as e:  # BadGzipFile: OSError
+            raise _read_error(f, e, "cannot be read", f"after {n} documents") from e
         if n == 0:
             raise CorpusError(f"{f.url!r} contains no documents (empty file?)")
+
+
+def _read_error(f: _File, error: BaseException, content: str, where: str) -> RbridgeError:
+    """What to raise for ``error`` met reading ``f``: a fault of the transport (the network, S3
+    throttling, a flaky mount) may pass on a retry, so it is a ``TransientError``; any other
+    fault is the file's own (corrupt, truncated, a refused name), a ``CorpusError`` saying that
+    ``f`` ``content``."""
+    if is_transport_fault(error):
+        return TransientError(
+            f"reading {f.url!r} failed {where} on a transport fault "
+            f"({type(error).__name__}: {error}); a retry may succeed"
+        )
+    return CorpusError(f"{f.url!r} {content}: {error}")
 
 
 # -------------------------------------------------------------------------------------- packing

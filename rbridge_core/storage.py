@@ -1,6 +1,8 @@
 """Where outputs go: local paths or any fsspec URL (``s3://``), always written atomically."""
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -8,6 +10,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from rbridge_core.errors import DiskFullError, is_disk_full
+
+# A writer that lost the errno (torch's "unexpected pos ...") is taken to have hit a full disk
+# when less than this is left: a short write fills the device to its last block.
+NEARLY_FULL_BYTES = 1 << 20
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -29,16 +37,71 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> str:
         with fs.open(fs_path, "wb") as f:
             f.write(payload)
         return path
-    os.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    folder = os.path.dirname(fs_path) or "."
     tmp_path = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp_path, "wb") as f:
             f.write(payload)
         os.replace(tmp_path, fs_path)
-    finally:
+    except OSError as err:
+        full = disk_full_error(path, err, folder)
+        if full is not None:
+            raise full from err
+        raise
+    finally:  # never leave the temporary behind, whatever failed
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     return path
+
+
+def disk_full_error(
+    path: str | Path, error: BaseException, folder: str | Path | None = None
+) -> DiskFullError | None:
+    """A one-line ``DiskFullError`` for ``error`` met while writing ``path``, or None if
+    ``error`` is not a full disk.
+
+    A full disk is known by the error's errno (ENOSPC, EDQUOT) or words; for a writer that lost
+    both (torch's "unexpected pos N vs M" after a short write) by local ``folder``'s filesystem
+    having less than ``NEARLY_FULL_BYTES`` left. Call it before removing partial files, whose
+    space would otherwise hide the condition.
+    """
+    usage = _disk_usage(folder) if folder is not None else None
+    nearly_full = usage is not None and usage.free < NEARLY_FULL_BYTES
+    if not is_disk_full(error) and not (nearly_full and isinstance(error, OSError | RuntimeError)):
+        return None
+    quota = any(words in str(error).lower() for words in ("quota", "os error 122")) or (
+        isinstance(error, OSError) and error.errno == errno.EDQUOT
+    )
+    reason = "disk quota exceeded" if quota else "no space left on device"
+    room = (
+        f"{_size(usage.free)} free of {_size(usage.total)} on the device holding {folder}; "
+        if usage is not None
+        else ""
+    )
+    return DiskFullError(
+        f"disk full while writing {path}: {room}free space or write elsewhere, then run again "
+        f"({reason})"
+    )
+
+
+def _disk_usage(folder: str | Path):
+    """``shutil.disk_usage`` of ``folder`` or its nearest existing parent; None if unknown."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder)
+    except OSError:
+        return None
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TiB"
 
 
 def read_bytes(path: str | Path) -> bytes:

@@ -37,7 +37,7 @@ from rbridge_core.checkpoints import (
     unwrap,
 )
 from rbridge_core.config import TrainingConfig
-from rbridge_core.errors import ConfigError, RbridgeError
+from rbridge_core.errors import ConfigError, DiskFullError, RbridgeError
 from rbridge_core.models import count_parameters
 from rbridge_core.storage import is_url
 
@@ -202,6 +202,18 @@ class StepReport:
     tokens_per_second: float
 
 
+def _disk_full(
+    err: DiskFullError, last_ckpt: Path | str | None, staging: Path | None, work_dir
+) -> DiskFullError:
+    """``err`` saying what is kept (the newest complete checkpoint, which a resume continues
+    from); a staging folder of our own (no ``work_dir`` given) is removed first, so the disk
+    gets its space back."""
+    if staging is not None and work_dir is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    kept = f"; the last complete checkpoint, {last_ckpt}, is kept and a resume continues from it"
+    return DiskFullError(f"{err}{kept if last_ckpt else ''}")
+
+
 def _all_ranks_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
@@ -341,7 +353,10 @@ def train(
         periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
         if step > start_step and (stopping or periodic):
             if is_main:
-                last_ckpt = _checkpoint()
+                try:
+                    last_ckpt = _checkpoint()
+                except DiskFullError as err:
+                    raise _disk_full(err, last_ckpt, staging, work_dir) from err.__cause__
             _barrier(world_size)
         if stopping:
             break
@@ -421,7 +436,10 @@ def train(
             "training_config": config_json,
             **(extra_meta or {}),
         }
-        final_dir = save_final(raw_model, out_dir, meta, tokenizer, staging=staging)
+        try:
+            final_dir = save_final(raw_model, out_dir, meta, tokenizer, staging=staging)
+        except DiskFullError as err:
+            raise _disk_full(err, last_ckpt, staging, work_dir) from err.__cause__
         logger.info("saved %s (%d tokens, %.3g FLOPs)", final_dir, tokens_seen, train_flops)
     _barrier(world_size)
     if staging is not None and work_dir is None:
