@@ -435,6 +435,11 @@ from rbridge_core.analysis.fit_cli import register as register_fit_commands  # n
 
 register_fit_commands(app, _clear_errors)
 
+# `rbridge backtest` lives with the analysis (typer only at import; the body imports the rest).
+from rbridge_core.analysis.cli import backtest as backtest_command  # noqa: E402
+
+app.command("backtest")(_clear_errors(backtest_command))
+
 
 # `traces backfill` and `traces import-hf`: bodies in traces_cli (typer only at import).
 from rbridge_core.traces_cli import traces_backfill, traces_import_hf  # noqa: E402
