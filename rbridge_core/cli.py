@@ -448,6 +448,12 @@ traces_app.command("backfill")(_clear_errors(traces_backfill))
 traces_app.command("import-hf")(_clear_errors(traces_import_hf))
 
 
+# The command body lives with the generation package; the import is light (typer and rich only).
+from rbridge_core.generation.cli import traces_generate  # noqa: E402
+
+traces_app.command("generate")(_clear_errors(traces_generate))
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m rbridge_core.cli`
     sys.exit(app())
 
