@@ -336,6 +336,8 @@ def _multiple_choice_trace(
         prompt="\n".join([question, *lettered]),
         trace=lettered[letters.index(gold_letter)] if trace is None else trace,
         answer=gold_letter,
+        choices=tuple(option.strip() for option in options),
+        gold_index=letters.index(gold_letter),
     )
 
 

@@ -39,6 +39,10 @@ class ScoringConfig(_Frozen):
     minmax_scope: Literal["trace", "benchmark"] = Field(
         "trace", description="Scope of the MinMax normalisation of rBridge weights."
     )
+    choice_metrics: bool = Field(
+        True,
+        description="Multiple-choice baselines (option log-likelihoods) for items with choices.",
+    )
     compile_statistics: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile the per-token statistics kernel, fusing its vocabulary-wide "

@@ -78,8 +78,33 @@ def metric_name(statistic: str, weighting: str) -> str:
     return statistic if weighting == "uniform" else f"{statistic}:{weighting}"
 
 
+# The rBridge paper's DataDecide baselines: option log-likelihoods of multiple-choice items
+# (lm-eval/OLMES cloze: " " + option after "Answer:"), each normalised per token or per character
+# of the option's continuation. p_i = exp(normalised log-likelihood of option i).
+CHOICE_STATISTICS: dict[str, str] = {
+    "accuracy": "the gold option has the highest normalised likelihood (ties split)",
+    "correct_prob": "p of the gold option",
+    "norm_correct_prob": "p of the gold option / sum of p over the options",
+    "total_prob": "sum of p over the options",
+    "margin": "p of the gold option - the highest p of a wrong option",
+}
+CHOICE_NORMALISATIONS = ("per_token", "per_char")
+
+
+def choice_metric_name(statistic: str, normalisation: str) -> str:
+    """``mc_<statistic>_<normalisation>``, e.g. ``mc_accuracy_per_char``."""
+    return f"mc_{statistic}_{normalisation}"
+
+
+CHOICE_METRICS: dict[str, Metric] = {
+    (name := choice_metric_name(stat, norm)): Metric(name, True, f"{meaning}; {norm}")
+    for stat, meaning in CHOICE_STATISTICS.items()
+    for norm in CHOICE_NORMALISATIONS
+}
+
+
 def _all_metrics() -> dict[str, Metric]:
-    metrics = dict(TRACE_METRICS)
+    metrics = dict(TRACE_METRICS) | CHOICE_METRICS
     for weighting in WEIGHTINGS:
         for stat in STATISTICS.values():
             name = metric_name(stat.name, weighting)
@@ -218,3 +243,33 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def choice_metrics(
+    log_likelihoods: np.ndarray, n_tokens: np.ndarray, n_chars: np.ndarray, gold: int
+) -> dict[str, float]:
+    """The multiple-choice baselines of one item (``CHOICE_METRICS``).
+
+    ``log_likelihoods``: [n_options] summed log p of each option's continuation tokens;
+    ``n_tokens`` and ``n_chars``: [n_options] its token and character counts (the leading space
+    included); ``gold``: the correct option's index. A tie for the highest likelihood counts as
+    1 / (number tied) towards accuracy when the gold option is among them: the expected accuracy
+    of breaking the tie at random.
+    """
+    values = {}
+    for norm, length in (("per_token", n_tokens), ("per_char", n_chars)):
+        score = log_likelihoods / np.maximum(length, 1)
+        p = np.exp(score)
+        best = score == score.max()
+        wrong = np.delete(p, gold)
+        values |= {
+            choice_metric_name("accuracy", norm): float(best[gold] / best.sum()),
+            choice_metric_name("correct_prob", norm): float(p[gold]),
+            # p_gold / sum p, in log space: every p may underflow when options are long.
+            choice_metric_name("norm_correct_prob", norm): float(
+                np.exp(score[gold] - np.logaddexp.reduce(score))
+            ),
+            choice_metric_name("total_prob", norm): float(p.sum()),
+            choice_metric_name("margin", norm): float(p[gold] - wrong.max()),
+        }
+    return values

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from rbridge_core import alignment, metrics, schemas
+from rbridge_core.benchmarks import LETTERS
 from rbridge_core.config import ScoringConfig
 from rbridge_core.errors import ModelLoadError, RbridgeError
 from rbridge_core.metrics import TokenStats
@@ -60,7 +61,7 @@ class _Sequence:
     """One tokenized sequence to score: a trace (or a dataset answer) after its context."""
 
     item: int  # index of the trace in the input list
-    kind: str  # "trace" or "answer"
+    kind: str  # "trace", "answer" or "option"
     input_ids: list[int]
     first_scored: int  # index in input_ids of the first scored token (>= 1)
     offsets: np.ndarray  # [n_scored, 2] scored tokens' character offsets, relative to the target
@@ -71,6 +72,7 @@ class _Sequence:
     # Tokens cut to fit the context: prompt tokens, and trace tokens no longer scored.
     prompt_cut: int = 0
     trace_cut: int = 0
+    option: int = -1  # kind "option": the index of the multiple-choice option scored
 
     @property
     def n_scored(self) -> int:
@@ -309,29 +311,48 @@ def _truncate(
     return ids[cut:], max(first - cut, 1), min(cut, first)
 
 
+def bare_question(prompt: str, choices: Sequence[str]) -> str:
+    """The prompt without its trailing lettered options ("A. <text>" lines), if it has them."""
+    lines = prompt.split("\n")
+    n = len(choices)
+    lettered = [f"{letter}. {c.strip()}" for letter, c in zip(LETTERS, choices)]
+    if len(lines) > n and [line.strip() for line in lines[-n:]] == lettered:
+        return "\n".join(lines[:-n]).strip()
+    return prompt
+
+
 def build_sequences(
-    traces: Sequence[Trace], tokenizer, max_len: int, batch_size: int = 256
+    traces: Sequence[Trace],
+    tokenizer,
+    max_len: int,
+    batch_size: int = 256,
+    choices: bool = False,
 ) -> list[_Sequence]:
-    """Tokenize every trace (and every dataset answer) after its benchmark's context."""
-    jobs: list[tuple[int, str, str, str]] = []  # (item, kind, context, target)
+    """Tokenize every trace (and every dataset answer) after its benchmark's context; with
+    ``choices``, also every option of a multiple-choice item after its bare question."""
+    jobs: list[tuple[int, str, str, str, int]] = []  # (item, kind, context, target, option)
     for i, tr in enumerate(traces):
-        context = template_for(tr.benchmark).render(tr.prompt)
-        jobs.append((i, "trace", context, tr.trace))
+        template = template_for(tr.benchmark)
+        context = template.render(tr.prompt)
+        jobs.append((i, "trace", context, tr.trace, -1))
         if tr.answer:
-            jobs.append((i, "answer", context, tr.answer))
+            jobs.append((i, "answer", context, tr.answer, -1))
+        if choices and tr.choices:
+            question = template.render_choice(bare_question(tr.prompt, tr.choices))
+            jobs += [(i, "option", question, " " + c, k) for k, c in enumerate(tr.choices)]
     sequences = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         encoding = tokenizer(
-            [context + target for _, _, context, target in chunk],
+            [context + target for _, _, context, target, _ in chunk],
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
             add_special_tokens=True,
         )
-        for j, (item, kind, context, target) in enumerate(chunk):
+        for j, (item, kind, context, target, option) in enumerate(chunk):
             span = _target_tokens(encoding, j, len(context))
             if span is None:
-                if kind == "answer":
+                if kind != "trace":
                     continue
                 tr = traces[item]
                 raise RbridgeError(
@@ -346,7 +367,9 @@ def build_sequences(
                 offsets[end - (len(ids) - kept_first) :] - len(context), 0, len(target)
             )
             sequences.append(
-                _Sequence(item, kind, ids, kept_first, offsets, [], 0, prompt_cut, trace_cut)
+                _Sequence(
+                    item, kind, ids, kept_first, offsets, [], 0, prompt_cut, trace_cut, option
+                )
             )
     return sequences
 
@@ -740,6 +763,10 @@ def item_metric_values(
 ) -> list[tuple[int, str, float, int]]:
     """Every metric of every item: rows of (item, metric, value, n_tokens)."""
     trace_seqs = {s.item: (s, st) for s, (st, _) in zip(sequences, stats) if s.kind == "trace"}
+    options: dict[int, dict[int, TokenStats]] = {}
+    for s, (st, _) in zip(sequences, stats):
+        if s.kind == "option":
+            options.setdefault(s.item, {})[s.option] = st
     answer_stats = {s.item: st for s, (st, _) in zip(sequences, stats) if s.kind == "answer"}
     answer_stats |= {s.item: ans for s, (_, ans) in zip(sequences, stats) if ans is not None}
     weights = _rbridge_weights(traces, {i: s for i, (s, _) in trace_seqs.items()}, config)
@@ -768,8 +795,20 @@ def item_metric_values(
         counts = token_counts[tr.benchmark]
         for name, value in metrics.token_statistic_metrics(stat_window, counts).items():
             values[name] = (value, len(stat_window))
+        if tr.choices and len(options.get(item, ())) == len(tr.choices):
+            values.update(_choice_values(tr, options[item]))
         rows.extend((item, name, value, n) for name, (value, n) in values.items())
     return rows
+
+
+def _choice_values(tr: Trace, options: dict[int, TokenStats]) -> dict[str, tuple[float, int]]:
+    """The multiple-choice baselines of one item from its options' token statistics."""
+    order = range(len(tr.choices))
+    log_likelihood = np.array([-options[k].nll.sum() for k in order])
+    n_tokens = np.array([len(options[k]) for k in order])
+    n_chars = np.array([len(" " + tr.choices[k]) for k in order])
+    values = metrics.choice_metrics(log_likelihood, n_tokens, n_chars, tr.gold_index)
+    return {name: (value, int(n_tokens.sum())) for name, value in values.items()}
 
 
 def item_scores_table(
@@ -875,7 +914,7 @@ def score_traces(
         raise RbridgeError("no traces to score")
     start = time.perf_counter()
     max_len = context_length(model, config)
-    sequences = build_sequences(traces, tokenizer, max_len)
+    sequences = build_sequences(traces, tokenizer, max_len, choices=config.choice_metrics)
     truncated = {
         s.item: (s.prompt_cut, s.trace_cut)
         for s in sequences

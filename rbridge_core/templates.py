@@ -18,6 +18,9 @@ import yaml
 from rbridge_core.errors import RbridgeError
 
 PROMPT_PLACEHOLDER = "{prompt}"
+# lm-evaluation-harness / OLMES cloze formulation: each option is scored as the continuation
+# " " + option text after "Answer:", given the bare question.
+DEFAULT_CHOICE_CONTEXT = "Question: {prompt}\nAnswer:"
 _TEMPLATES_FILE = "templates.yaml"
 
 
@@ -26,15 +29,22 @@ class PromptTemplate:
     """How one benchmark's prompt becomes the proxy's context.
 
     ``context`` is a ``str.format`` pattern whose only placeholder is ``{prompt}``.
+    ``choice_context`` is the same for the multiple-choice baselines, given the bare question
+    (the prompt without its lettered options); each option follows as ``" " + option``.
     """
 
     benchmark: str
     context: str
     description: str = ""
+    choice_context: str = DEFAULT_CHOICE_CONTEXT
 
     def render(self, prompt: str) -> str:
         """Return the context text for ``prompt``; the scored text is appended to it verbatim."""
         return self.context.format(prompt=prompt)
+
+    def render_choice(self, question: str) -> str:
+        """The context of the option-likelihood baselines: options follow as " " + text."""
+        return self.choice_context.format(prompt=question)
 
 
 def template_for(benchmark: str) -> PromptTemplate:
@@ -71,14 +81,19 @@ def _parse_entry(name: Any, entry: Any) -> PromptTemplate:
     where = f"{_TEMPLATES_FILE}: benchmark {name!r}"
     if not isinstance(entry, dict) or not isinstance(entry.get("context"), str):
         raise RbridgeError(f"{where}: expected a mapping with a string 'context', got {entry!r}")
-    context = entry["context"]
-    parsed = string.Formatter().parse(context)
-    placeholders = [field for _, field, _, _ in parsed if field is not None]
-    if placeholders != ["prompt"]:
-        raise RbridgeError(
-            f"{where}: context must contain the placeholder {PROMPT_PLACEHOLDER} exactly once and "
-            f"no other; found {placeholders} (write literal braces as {{{{ }}}})"
-        )
+    for key in ("context", "choice_context"):
+        if key not in entry:
+            continue
+        parsed = string.Formatter().parse(str(entry[key]))
+        placeholders = [field for _, field, _, _ in parsed if field is not None]
+        if placeholders != ["prompt"]:
+            raise RbridgeError(
+                f"{where}: {key} must contain the placeholder {PROMPT_PLACEHOLDER} exactly once "
+                f"and no other; found {placeholders} (write literal braces as {{{{ }}}})"
+            )
     return PromptTemplate(
-        benchmark=str(name), context=context, description=str(entry.get("description", ""))
+        benchmark=str(name),
+        context=entry["context"],
+        description=str(entry.get("description", "")),
+        choice_context=str(entry.get("choice_context", DEFAULT_CHOICE_CONTEXT)),
     )

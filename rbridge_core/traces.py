@@ -29,7 +29,14 @@ from rbridge_core.errors import TracesError
 from rbridge_core.storage import parquet_bytes, write_bytes_atomic
 
 REQUIRED_COLUMNS = ("benchmark", "item_id", "prompt", "trace")
-OPTIONAL_COLUMNS = ("answer", "frontier_tokens", "frontier_logprobs", "mask_spans")
+OPTIONAL_COLUMNS = (
+    "answer",
+    "frontier_tokens",
+    "frontier_logprobs",
+    "mask_spans",
+    "choices",
+    "gold_index",
+)
 
 # Frontier APIs round log-probabilities, so a confident token can come back as +1e-7.
 POSITIVE_LOGPROB_TOLERANCE = 1e-6
@@ -47,6 +54,10 @@ TRACES_SCHEMA = pa.schema(
         pa.field("frontier_tokens", pa.list_(pa.string())),
         pa.field("frontier_logprobs", _LOGPROBS_TYPE),
         pa.field("mask_spans", _SPANS_TYPE),
+        # Multiple choice: the option texts and the index of the correct one (the
+        # option-likelihood baselines of the rBridge paper's DataDecide comparison).
+        pa.field("choices", pa.list_(pa.string())),
+        pa.field("gold_index", pa.int64()),
     ]
 )
 
@@ -63,7 +74,10 @@ class Trace:
 
     ``frontier_tokens`` concatenate exactly to ``trace`` and pair one-to-one with
     ``frontier_logprobs`` (natural-log probabilities, all <= 0). ``mask_spans`` are character
-    ``(start, end)`` spans of ``trace`` with ``0 <= start < end <= len(trace)``. Instances built by
+    ``(start, end)`` spans of ``trace`` with ``0 <= start < end <= len(trace)``. A multiple-choice
+    item may carry its option texts ``choices`` and the correct one's ``gold_index`` (both or
+    neither); the prompt then ends with the options lettered ``"A. <text>"``, one per line, or
+    holds the bare question. Instances built by
     :func:`read_traces` / :func:`validate_table` satisfy all of this; direct construction is not
     checked until the traces are written or validated.
     """
@@ -76,6 +90,8 @@ class Trace:
     frontier_tokens: tuple[str, ...] | None = None
     frontier_logprobs: tuple[float, ...] | None = None
     mask_spans: tuple[tuple[int, int], ...] | None = None
+    choices: tuple[str, ...] | None = None
+    gold_index: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +112,8 @@ def traces_to_table(traces: Iterable[Trace]) -> pa.Table:
         "mask_spans": [
             None if t.mask_spans is None else [list(span) for span in t.mask_spans] for t in traces
         ],
+        "choices": [_list_or_none(t.choices) for t in traces],
+        "gold_index": [t.gold_index for t in traces],
     }
     return pa.table(columns, schema=TRACES_SCHEMA)
 
@@ -263,6 +281,8 @@ def _describe_type(column: str) -> str:
         "frontier_tokens": "a list of strings",
         "frontier_logprobs": "a list of numbers",
         "mask_spans": "a list of [start, end] integer pairs",
+        "choices": "a list of strings",
+        "gold_index": "an integer or null",
     }[column]
 
 
@@ -374,6 +394,8 @@ def _row_to_trace(values: dict[str, Any], where: str) -> Trace:
     if spans is not None:
         _check_spans(spans, len(trace_text), where)
     answer = values["answer"]
+    choices, gold_index = values["choices"], values["gold_index"]
+    _check_choices(choices, gold_index, where)
     return Trace(
         benchmark=values["benchmark"],
         item_id=values["item_id"],
@@ -383,7 +405,31 @@ def _row_to_trace(values: dict[str, Any], where: str) -> Trace:
         frontier_tokens=None if tokens is None else tuple(tokens),
         frontier_logprobs=None if logprobs is None else tuple(logprobs),
         mask_spans=None if spans is None else tuple((span[0], span[1]) for span in spans),
+        choices=None if choices is None else tuple(choices),
+        gold_index=gold_index,
     )
+
+
+def _check_choices(choices: list[Any] | None, gold_index: int | None, where: str) -> None:
+    if choices is None and gold_index is None:
+        return
+    if choices is None or gold_index is None:
+        given, missing = (
+            ("choices", "gold_index") if gold_index is None else ("gold_index", "choices")
+        )
+        raise TracesError(
+            f"{where}: field '{missing}': missing while '{given}' is given; give both"
+        )
+    if len(choices) < 2 or any(not isinstance(c, str) or not c.strip() for c in choices):
+        raise TracesError(
+            f"{where}: field 'choices': {_short_repr(choices)}; expected at least two non-empty "
+            "option texts"
+        )
+    if not 0 <= gold_index < len(choices):
+        raise TracesError(
+            f"{where}: field 'gold_index': {gold_index} is not an index into its "
+            f"{len(choices)} choices"
+        )
 
 
 def _check_required_text(value: Any, name: str, where: str) -> None:
