@@ -1,7 +1,8 @@
 """Training checkpoints and the final model folder, on local disk or an object store (``s3://``).
 
-A run folder holds ``checkpoints/step_{k:07d}/`` (weights as safetensors, optimizer, RNG states,
-``trainer_state.json`` with step, losses and data position, and a readable ``meta.json``) and
+A run folder holds ``checkpoints/step_{k:07d}/`` (weights as safetensors, optimizer and RNG states
+as tensors and plain values, ``trainer_state.json`` with step, losses and data position, and a
+readable ``meta.json``: a resume unpickles nothing that could run code) and
 ``final/`` (a Hugging Face model folder + ``meta.json``). A folder is complete exactly when its
 ``meta.json`` exists: locally every folder is written under a temporary name and renamed; on an
 object store it is staged on local disk and uploaded with ``meta.json`` last, so a reader that
@@ -13,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +41,7 @@ FINAL_DIR = "final"
 META_NAME = "meta.json"
 _WEIGHTS = "model.safetensors"
 _OPTIMIZER = "optimizer.pt"
+# tensors + plain types (numpy's and Python's states as lists of ints): loads with weights_only
 _RNG = "rng.pt"
 _STATE = "trainer_state.json"
 
@@ -84,10 +88,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | str | None:
 
 
 def rng_state() -> dict:
+    """Every RNG a training step draws from, as plain types and tensors only (see ``_RNG``)."""
+    version, python_state, gauss_next = random.getstate()
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -95,11 +108,39 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the RNGs from ``rng_state()`` output (as ``load_checkpoint`` returns it)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["bit_generator"],
+            np.asarray(npy["key"], dtype=np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_tensors(file: Path, device: torch.device | str = "cpu"):
+    """A checkpoint's ``.pt`` file, read with torch's restricted unpickler: tensors and plain
+    types only, so a planted pickle (a shared cache anyone with write access to can change)
+    is refused instead of run."""
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own text suggests weights_only=False; name only what the pickle would call
+        called = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"a pickle that calls {called.group(1)}" if called else "not plain tensors"
+        raise RbridgeError(
+            f"{file}: refused to load, it is {what}; rbridge never unpickles code from a "
+            "checkpoint. Altered, or written by an older rbridge (which pickled numpy RNG "
+            "states): delete that checkpoint folder to resume from an earlier one or start over"
+        ) from None
 
 
 def _write_folder_atomic(final: Path, write) -> Path:
@@ -197,22 +238,21 @@ def load_checkpoint(
     """Read checkpoint folder ``path`` (local or URL); load its weights into ``model`` if given."""
     if is_url(path):
         with tempfile.TemporaryDirectory(prefix="rbridge-ckpt-") as tmp:
-            ckpt = load_checkpoint(
-                download_dir(str(path), tmp), model, device=device, load_optimizer=load_optimizer
-            )
+            try:
+                local = download_dir(str(path), tmp)
+                ckpt = load_checkpoint(local, model, device=device, load_optimizer=load_optimizer)
+            except RbridgeError as err:  # name the checkpoint, not its temporary copy
+                raise RbridgeError(str(err).replace(tmp, str(path).rstrip("/"))) from None
         return dataclasses.replace(ckpt, path=path)
     path = Path(path)
     if not (path / META_NAME).is_file():
         raise RbridgeError(f"{path} is not a complete checkpoint (no {META_NAME})")
     if model is not None:
         safetensors.torch.load_model(unwrap(model), str(path / _WEIGHTS), device=str(device))
-    optimizer_state = (
-        torch.load(path / _OPTIMIZER, map_location=device, weights_only=True)
-        if load_optimizer
-        else None
-    )
-    # RNG states hold numpy/python tuples, which weights_only loading refuses; our own file
-    rng = torch.load(path / _RNG, weights_only=False)
+    optimizer_state = _load_tensors(path / _OPTIMIZER, device) if load_optimizer else None
+    rng = _load_tensors(path / _RNG)
+    if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= rng.keys():
+        raise RbridgeError(f"{path / _RNG}: not an rbridge RNG state (torch, python, numpy)")
     return Checkpoint(
         path=path,
         meta=json.loads((path / META_NAME).read_text()),

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rbridge_core.errors import RbridgeError
+from rbridge_core.redact import redact_text
 
 app = typer.Typer(
     help="Rank pre-training corpora for reasoning with small proxy models (rBridge).",
@@ -63,13 +64,15 @@ def _clear_errors(command):
 
 
 def _error_line(message: str) -> None:
-    """``error: <message>`` on stderr; the message is shown as it is (never read as markup)."""
-    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    """``error: <message>`` on stderr; the message is shown as it is (never read as markup),
+    less any credentials in a URL in it."""
+    console.print(Text.assemble(("error:", "bold red"), " ", redact_text(message)), soft_wrap=True)
 
 
 def _say(message: str) -> None:
-    """One line of plain text on stderr: paths and names in it are never read as markup."""
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    """One line of plain text on stderr: paths and names in it are never read as markup, and
+    credentials in a URL in it are redacted."""
+    console.print(redact_text(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -270,8 +273,34 @@ def rank(
     """
     from rbridge_core.config import load_rank_config
 
-    cfg = load_rank_config(config, {"output": output} if output else None)
+    overrides = {"output": output} if output else None
+    cfg = load_rank_config(config, overrides, use_credentials=_credentials_to_environment)
     _run_ranking(cfg)
+
+
+def _credentials_to_environment(found) -> None:
+    """``s3://KEY:SECRET@bucket/...`` in a ranking config: the pair goes where s3fs (botocore)
+    reads credentials, this process's environment, and the config keeps the bare URLs, so the
+    secret reaches no manifest, report, log or Prefect record."""
+    import os
+
+    from rbridge_core.errors import ConfigError
+
+    for creds in found:
+        if creds.scheme not in ("s3", "s3a") or not creds.user or not creds.password:
+            raise ConfigError(
+                f"config field {creds.where!r}: credentials in a URL are understood only as "
+                f"s3://KEY:SECRET@bucket/...; for {creds.scheme}:// set them in the environment "
+                "or a Prefect block"
+            )
+    if len({(c.user, c.password) for c in found}) > 1:
+        fields = ", ".join(c.where for c in found)
+        raise ConfigError(f"config fields {fields}: URLs carry different credentials; give one")
+    os.environ["AWS_ACCESS_KEY_ID"] = found[0].user
+    os.environ["AWS_SECRET_ACCESS_KEY"] = found[0].password
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # belongs to another key
+    if "s3fs" in sys.modules:  # filesystems made earlier hold the old credentials
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
 
 
 @app.command()

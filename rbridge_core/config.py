@@ -1,15 +1,38 @@
 """Configuration models. Frozen pydantic models with ``extra="forbid"``: a typo is an error."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbridge_core.errors import ConfigError
+from rbridge_core.redact import (
+    UrlCredentials,
+    redact_text,
+    redact_url,
+    take_credentials,
+    url_credentials,
+)
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inputs stay out of error texts: a URL given with its credentials must not be echoed
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+def _no_credentials(value):
+    """A location (or list of them) must not carry credentials: the config is stored verbatim
+    (manifest.json, Prefect's database, artifacts), so they would persist there."""
+    for url in [value] if isinstance(value, str) else value or []:
+        if url_credentials(url)[1] is not None:
+            raise ValueError(
+                f"{redact_url(url)} carries credentials in the URL, which would be stored with "
+                "the config; give them through the environment (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY for s3://) or a Prefect block instead ('rbridge rank' "
+                "moves them there itself)"
+            )
+    return value
 
 
 class ScoringConfig(_Frozen):
@@ -162,6 +185,8 @@ class CorpusConfig(_Frozen):
         "`datasets`; documents are its text_field values.",
     )
 
+    _urls = field_validator("paths", "checkpoints")(_no_credentials)
+
     @model_validator(mode="after")
     def _check(self) -> "CorpusConfig":
         if not self.paths and not self.checkpoints and self.hub is None:
@@ -207,6 +232,8 @@ class TracesConfig(_Frozen):
         "(FOLDER/openai/gsm8k, ...); default: the slices shipped with rbridge.",
     )
 
+    _urls = field_validator("files", "data_dir")(_no_credentials)
+
     @model_validator(mode="after")
     def _check(self) -> "TracesConfig":
         from rbridge_core.benchmarks import BENCHMARK_NAMES
@@ -237,6 +264,8 @@ class ProxyConfig(_Frozen):
         False, description="Train several epochs when a corpus is smaller than the budget."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _urls = field_validator("tokenizer")(_no_credentials)
 
     def model(self):
         from rbridge_core.models import model_preset
@@ -290,6 +319,8 @@ class RankConfig(_Frozen):
         description="Metrics shown in the report and printed ranking (all are computed).",
     )
 
+    _urls = field_validator("output", "cache")(_no_credentials)
+
     @model_validator(mode="after")
     def _check(self) -> "RankConfig":
         from rbridge_core.metrics import METRICS
@@ -311,10 +342,20 @@ class RankConfig(_Frozen):
         return self.cache or join(self.output, "_cache")
 
 
-def load_rank_config(path: str | Path, overrides: dict | None = None) -> RankConfig:
+def load_rank_config(
+    path: str | Path,
+    overrides: dict | None = None,
+    *,
+    use_credentials: Callable[[list[UrlCredentials]], None] | None = None,
+) -> RankConfig:
     """Read a ``RankConfig`` from YAML. Relative input paths (corpora, checkpoints, trace files,
     data_dir, tokenizer) are taken relative to the YAML file; output and cache to the working
-    directory. ``overrides`` replace top-level fields. Errors name the field."""
+    directory. ``overrides`` replace top-level fields. Errors name the field.
+
+    URLs carrying credentials (``s3://KEY:SECRET@bucket/...``) are refused, unless
+    ``use_credentials`` is given: then the credentials are cut out of the URLs and handed to it
+    (to put where the filesystem reads them) before the config exists, so it never holds them.
+    """
     import yaml
 
     path = Path(path)
@@ -327,6 +368,10 @@ def load_rank_config(path: str | Path, overrides: dict | None = None) -> RankCon
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of RankConfig fields")
     data = _resolve_inputs({**data, **(overrides or {})}, path.resolve().parent)
+    if use_credentials is not None:
+        data, found = take_credentials(data)
+        if found:
+            use_credentials(found)
     return validate_config(RankConfig, data, where=str(path))
 
 
@@ -342,7 +387,7 @@ def validate_config(model_cls, data: dict, where: str | None = None):
         if not field:  # a check across fields: its message names them
             raise ConfigError(f"{prefix}{message}") from None
         value = first.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {redact_text(repr(value))}"
         raise ConfigError(f"{prefix}config field {field!r}{shown}: {message}") from None
 
 

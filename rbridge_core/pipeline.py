@@ -499,7 +499,7 @@ def write_run(
     manifest = {
         "run": run_dir,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": config.model_dump(mode="json"),
+        "config": redact_secrets(config.model_dump(mode="json")),
         "versions": package_versions(),
         "git_revision": revision or git_revision(),
         "traces": traces.model_dump(mode="json"),
@@ -532,3 +532,5 @@ def ranking_summary(ranking: pa.Table, metric: str) -> pl.DataFrame:
     wide = df.pivot(on="benchmark", index="corpus", values="rank")
     order = "all" if "all" in wide.columns else wide.columns[1]
     return wide.sort(order, nulls_last=True)
+    from rbridge_core.redact import redact_secrets, redact_urls
+    manifest = redact_urls(manifest)  # no credentials in a location or an error message

@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from rbridge_core import storage
 from rbridge_core.metrics import METRICS
 from rbridge_core.ranking import ALL_BENCHMARKS, ranking_notes, select_checkpoints
+from rbridge_core.redact import redact_text
 
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "rank_heatmap.png"
@@ -87,7 +88,7 @@ def render_report(
         images = {_image_name(b): _scores_plot(rank_df, score_df, b, shown) for b in benchmarks}
         images[HEATMAP_FILE] = _rank_heatmap(rank_df, shown[0])
 
-    lines = [f"# {title}", ""]
+    lines = [f"# {_one_line(title)}", ""]
     lines += _extra_section(extra)
     lines += _corpora_section(corpora, failed)
     lines += _notes_section(ranking_notes(scores, checkpoint) if len(scores) else [])
@@ -301,8 +302,9 @@ def _float(value: float | None) -> float:
 
 
 def _one_line(value: object) -> str:
-    """A value on one markdown line: error messages often span several."""
-    return " ".join(str(value).split())
+    """A value on one markdown line (error messages often span several), with any credentials
+    in a URL in it redacted."""
+    return redact_text(" ".join(str(value).split()))
 
 
 def _cell(value: str) -> str:

@@ -96,11 +96,50 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# Weight files transformers reads besides safetensors: pickles (torch) or other frameworks' formats
+_UNSAFE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_model.h5", "*.msgpack")
+_CONVERT_HINT = (
+    "convert it on a trusted machine: transformers.AutoModelForCausalLM.from_pretrained(DIR)"
+    ".save_pretrained(DIR, safe_serialization=True)"
+)
+
+
+def _check_weight_files(path: Path) -> None:
+    """rbridge reads weights only from safetensors: a pickle can run code when it is loaded."""
+    if any(path.glob("*.safetensors")):
+        return
+    others = sorted(f.name for pattern in _UNSAFE_WEIGHTS for f in path.glob(pattern))
+    if others:
+        raise ModelLoadError(
+            f"model folder {path}: {others[0]} is not safetensors; rbridge loads weights only "
+            f"from model.safetensors (a pickle can run code); {_CONVERT_HINT}"
+        )
+    raise ModelLoadError(f"model folder {path}: no model.safetensors weights")
+
+
+def _check_architecture(path: Path) -> None:
+    """Only architectures transformers ships: a folder's own modeling code is never run."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"model folder {path}: config.json is not valid JSON: {err}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"model folder {path}: model_type {model_type!r} is not an architecture transformers "
+            "ships; rbridge scores only those, and never runs a model folder's own code"
+        )
+
+
 def load_model_dir(path: str | Path, device: str = "auto"):
     """Load a Hugging Face causal LM folder (config + safetensors, tokenizer saved beside it).
 
-    ``trust_remote_code`` stays off. The tokenizer must be a fast one: character offsets map
-    frontier confidences onto proxy tokens. Returns ``(model, tokenizer)``, model in eval mode.
+    Weights load only from safetensors (a folder with only ``pytorch_model.bin`` is refused) and
+    only architectures transformers ships (``trust_remote_code`` stays off). The tokenizer must
+    be a fast one: character offsets map frontier confidences onto proxy tokens. Returns
+    ``(model, tokenizer)``, model in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,12 +148,20 @@ def load_model_dir(path: str | Path, device: str = "auto"):
         raise ModelLoadError(
             f"model folder {path}: no config.json (expected a save_pretrained dir)"
         )
+    _check_weight_files(path)
+    _check_architecture(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=False, dtype=torch.float32
+            path, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
         )
     except (OSError, ValueError, KeyError) as err:
+        if "trust_remote_code" in str(err):  # e.g. a custom tokenizer class (auto_map)
+            raise ModelLoadError(
+                f"model folder {path}: it needs its own code to load (auto_map); rbridge scores "
+                "only architectures and tokenizers transformers ships, and never runs a model "
+                "folder's code"
+            ) from None
         raise ModelLoadError(f"model folder {path}: cannot load: {err}") from err
     if not tokenizer.is_fast:
         raise ModelLoadError(

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rbridge_core import pipeline
 from rbridge_core.config import RankConfig
+from rbridge_core.redact import redact_text, redact_urls
 from tasks.policies import retry_transient
 
 
@@ -32,26 +33,27 @@ def write_outputs(
         run_dir, config, traces, results, failed, timings=timings, revision=revision
     )
     metric = config.headline_metrics[0]
+    shown_dir = redact_text(run_dir)  # artifacts and logs are stored by Prefect's server
     ranking = pl.from_arrow(outputs.ranking)
     rows = ranking.filter(pl.col("metric") == metric).sort("benchmark", "rank").to_dicts()
     create_table_artifact(
         key=_artifact_key(config.name, "ranking"),
-        table=rows,
-        description=f"Corpus ranking on {metric} (rank 1 = best); run folder {run_dir}",
+        table=redact_urls(rows),
+        description=f"Corpus ranking on {metric} (rank 1 = best); run folder {shown_dir}",
     )
     scores = pl.from_arrow(outputs.scores)
     headline = scores.filter(pl.col("metric").is_in(list(config.headline_metrics)))
     create_table_artifact(
         key=_artifact_key(config.name, "scores"),
-        table=headline.sort("benchmark", "metric", "corpus").to_dicts(),
-        description=f"Headline scores with bootstrap intervals over items; run folder {run_dir}",
+        table=redact_urls(headline.sort("benchmark", "metric", "corpus").to_dicts()),
+        description=f"Headline scores with bootstrap intervals over items; run folder {shown_dir}",
     )
     create_markdown_artifact(
         key=_artifact_key(config.name, "report"),
-        markdown=outputs.report_markdown,
-        description=run_dir,
+        markdown=redact_text(outputs.report_markdown),
+        description=shown_dir,
     )
     get_run_logger().info(
-        "wrote %s: %d corpora ranked, %d failed", run_dir, len(results), len(failed)
+        "wrote %s: %d corpora ranked, %d failed", shown_dir, len(results), len(failed)
     )
     return outputs.manifest
