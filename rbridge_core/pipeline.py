@@ -470,6 +470,7 @@ def write_run(
     its presence marks a complete run). Each file is written atomically. ``revision`` names the
     code's revision where there is no git checkout (an image built from one)."""
     from rbridge_core.ranking import ALL_AGGREGATE, rank_corpora, ranking_notes
+    from rbridge_core.redact import redact_secrets, redact_urls
     from rbridge_core.report import render_report, write_report
 
     item_scores, scores = collect_scores(results)
@@ -519,6 +520,7 @@ def write_run(
         "ranking": {"all": ALL_AGGREGATE, "notes": notes},
         "files": [*RUN_FILES, *sorted(report.images)],
     }
+    manifest = redact_urls(manifest)  # no credentials in a location or an error message
     write_bytes_atomic(join(run_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return RunOutputs(manifest, scores, ranking, report.markdown)
 
@@ -532,5 +534,3 @@ def ranking_summary(ranking: pa.Table, metric: str) -> pl.DataFrame:
     wide = df.pivot(on="benchmark", index="corpus", values="rank")
     order = "all" if "all" in wide.columns else wide.columns[1]
     return wide.sort(order, nulls_last=True)
-    from rbridge_core.redact import redact_secrets, redact_urls
-    manifest = redact_urls(manifest)  # no credentials in a location or an error message
