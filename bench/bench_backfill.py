@@ -10,10 +10,11 @@ same GSM8K traces in one run:
                 head on trace rows only, the same pieces
 Both end with the same ``frontier_tokens`` / ``frontier_logprobs``; the script checks they agree
 (max |difference| of the piece logprobs). Throughput is trace tokens per second (median of
-``--repeats`` timed runs after one warm-up).
+``--repeats`` timed runs after one warm-up, the two paths alternating).
 
     python bench/bench_backfill.py --quick
     python bench/bench_backfill.py --items 200 --repeats 3 --json bench_backfill.json
+    python bench/bench_backfill.py --threads 1 ...   # a loaded machine: no OpenMP spin contention
 """
 
 from __future__ import annotations
@@ -78,17 +79,9 @@ def run_backfill(model, tokenizer, traces, config) -> tuple[int, list[list[float
     return n_tokens, [list(t.frontier_logprobs) for t in new]
 
 
-def timed(run, repeats: int) -> tuple[int, list[float], list[list[float]]]:
-    n_tokens, values = run()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return n_tokens, seconds, values
-
-
 def bench_shape(shape, traces, repeats: int, work: Path, config: ScoringConfig) -> dict:
+    """Warm both paths up, then time them alternately (a, b, a, b, ...): a machine whose load
+    drifts during the run slows both alike."""
     from rbridge_core.scoring import load_model_dir
 
     name, vocab, hidden, layers = shape
@@ -96,22 +89,28 @@ def bench_shape(shape, traces, repeats: int, work: Path, config: ScoringConfig) 
     random_tiny_lm(work / name, tokenizer, hidden=hidden, layers=layers, heads=4)
     model, tokenizer = load_model_dir(work / name, device="cpu")
     print(f"\n== {name}: {len(traces)} items, {repeats} repeats", flush=True)
+    runs = {
+        "a naive": lambda: run_naive(model, tokenizer, traces),
+        "b backfill": lambda: run_backfill(model, tokenizer, traces, config),
+    }
+    warm = {path: run() for path, run in runs.items()}  # (tokens, piece logprobs)
+    seconds: dict[str, list[float]] = {path: [] for path in runs}
+    for _ in range(repeats):
+        for path, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[path].append(time.perf_counter() - start)
     result = {"model": name, "paths": {}}
-    values = {}
-    for path, run in (
-        ("a naive", lambda: run_naive(model, tokenizer, traces)),
-        ("b backfill", lambda: run_backfill(model, tokenizer, traces, config)),
-    ):
-        n_tokens, seconds, values[path] = timed(run, repeats)
-        median = statistics.median(seconds)
+    for path in runs:
+        n_tokens, median = warm[path][0], statistics.median(seconds[path])
         result["paths"][path] = {
             "tokens": n_tokens,
-            "seconds": seconds,
+            "seconds": seconds[path],
             "median_s": median,
             "tokens_per_s": n_tokens / median,
         }
         print(f"  ({path.split()[0]}) {path.split()[1]:9s} {n_tokens / median:9.0f} tok/s")
-    a, b = (np.concatenate([np.asarray(v) for v in values[p]]) for p in ("a naive", "b backfill"))
+    a, b = (np.concatenate([np.asarray(v) for v in warm[p][1]]) for p in runs)
     result["max_abs_diff"] = float(np.abs(a - b).max())
     result["ratio_b_over_a"] = (
         result["paths"]["b backfill"]["tokens_per_s"] / result["paths"]["a naive"]["tokens_per_s"]
@@ -131,7 +130,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="50 items, 1 repeat")
     parser.add_argument("--batch-max-tokens", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.items, args.repeats = 50, 1
     machine = benchenv.machine_info()

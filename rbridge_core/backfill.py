@@ -16,9 +16,10 @@ of the tokens that produced it. Summed over a trace, the pieces give the model's
 log-likelihood exactly.
 
 Two backends behind one protocol (:class:`TokenLogprobs`): ``transformers`` runs the scoring
-engine's fused forward pass (``scoring.run_forward``: length-sorted batches under a padded-token
-budget, float32 output head and log-softmax); ``vllm`` asks vLLM for ``prompt_logprobs`` of the
-same token ids (GPU machines, lazily imported).
+engine's fused forward pass (length-sorted batches under a padded-token budget, float32 output
+head on trace rows only) with a float32 log-softmax of the gold token in place of the
+engine's statistics; ``vllm`` asks vLLM for ``prompt_logprobs`` of the same token ids (GPU
+machines, lazily imported).
 """
 
 from __future__ import annotations
@@ -133,24 +134,51 @@ def pieces_from_offsets(
 
 
 class TransformersLogprobs:
-    """The scoring engine's fused forward pass (batched, float32 head) on a loaded model."""
+    """The scoring engine's fused forward pass on a loaded model, reduced to the NLL.
+
+    The same batches as scoring (length-sorted, under the padded-token budget, rows longer than
+    an attention window apart), the body once per batch, the float32 output head on trace rows
+    only, ``head_chunk_rows`` at a time; the engine's statistics kernel is replaced by a float32
+    log-softmax of the gold token (:func:`_nll_only`): backfill reads no rank or entropy, and
+    computing them doubled the time with a 50k vocabulary (bench/README.md).
+    """
 
     def __init__(self, model, tokenizer, config: ScoringConfig, max_len: int):
         self.model, self.tokenizer, self.config, self.max_len = model, tokenizer, config, max_len
 
     def __call__(self, sequences, progress=None) -> list[np.ndarray]:
-        from rbridge_core.scoring import binding_window, run_forward
-
-        window = binding_window(self.model, self.max_len)
-        stats = run_forward(
-            self.model,
-            sequences,
-            self.config,
-            progress,
-            vocab_size=len(self.tokenizer),
-            window=window,
+        from rbridge_core.scoring import (
+            _batches,
+            _FusedScorer,
+            batch_token_budget,
+            binding_window,
         )
-        return [-st.nll for st, _ in stats]
+
+        scorer = _FusedScorer(self.model, self.config, False, len(self.tokenizer))
+        scorer.statistics = _nll_only
+        window = binding_window(self.model, self.max_len)
+        budget = batch_token_budget(self.config, scorer.device)
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        for batch in _batches([s.length for s in sequences], budget, window):
+            for i, (stats, _) in zip(batch, scorer([sequences[i] for i in batch])):
+                results[i] = -stats.nll
+            if progress is not None:
+                progress(sum(sequences[i].n_scored for i in batch))
+        return results  # type: ignore[return-value]
+
+
+def _nll_only(logits, targets):
+    """``(nll, rank, entropy, p_max)`` as the engine's statistics kernel returns them, with only
+    the NLL computed: ``logsumexp(logits) - logits[gold]`` in float32 (the others are zeros).
+
+    logits: [rows, V] float32; targets: [rows] int64.
+    """
+    import torch
+
+    gold = logits.gather(1, targets[:, None])[:, 0]
+    nll = torch.logsumexp(logits, dim=1) - gold
+    zeros = torch.zeros_like(nll)
+    return nll, zeros.long(), zeros, zeros
 
 
 class VllmLogprobs:
@@ -231,9 +259,18 @@ def backfill_traces(
 
     if not traces:
         raise RbridgeError("no traces to backfill")
+    from rbridge_core.scoring import NonFiniteScores
+
     # Answers are not backfilled: strip them so build_sequences makes trace rows only.
     sequences = build_sequences([replace(t, answer=None) for t in traces], tokenizer, max_len)
-    values = logprobs_of(sequences, progress)
+    try:
+        values = logprobs_of(sequences, progress)
+    except NonFiniteScores as err:
+        tr = traces[err.item]
+        raise RbridgeError(
+            f"the reference model produced non-finite log-probabilities (NaN/inf) on "
+            f"{tr.benchmark}/{tr.item_id}: its weights are likely corrupt or diverged"
+        ) from None
     out: list[Trace] = []
     n_truncated = 0
     for seq, lps in zip(sequences, values, strict=True):

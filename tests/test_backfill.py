@@ -379,3 +379,13 @@ def test_backfilled_file_scored_by_rbridge_score(reference_dir, proxy_dir, tmp_p
         assert value(item, "rbridge_nll") != pytest.approx(value(item, "trace_nll"), rel=1e-3)
         assert value(item, "rbridge_nll") == pytest.approx(rbridge, rel=1e-5)
         assert value(item, "trace_nll") == pytest.approx(trace_nll, rel=1e-5)
+
+
+def test_backfill_names_the_trace_of_broken_weights(reference_dir) -> None:
+    model, tokenizer = load_model_dir(reference_dir, device="cpu")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[:, 0] = float("nan")
+    max_len = int(model.config.max_position_embeddings)
+    backend = TransformersLogprobs(model, tokenizer, ScoringConfig(device="cpu"), max_len)
+    with pytest.raises(RbridgeError, match=r"non-finite log-probabilities .* on gsm8k/0"):
+        backfill_traces(TRACES[:1], tokenizer, backend, max_len)
