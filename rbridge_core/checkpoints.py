@@ -133,7 +133,7 @@ def _load_tensors(file: Path, device: torch.device | str = "cpu"):
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's own text suggests weights_only=False; name only what the pickle would call
+        # torch's own text suggests lifting the restriction; name only what the pickle calls
         called = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"a pickle that calls {called.group(1)}" if called else "not plain tensors"
         raise RbridgeError(
