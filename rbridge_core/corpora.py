@@ -259,6 +259,10 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     Paths are checked when this is called; file contents as they are read. Raises ``CorpusError``
     naming the file for any unreadable or malformed input, including a file with no documents.
     """
+    from rbridge_core.hub import HubCorpusSpec, iter_hub_documents
+
+    if isinstance(spec, HubCorpusSpec):
+        return iter_hub_documents(spec)
     files = _list_files(spec)
     return _iter_files(files, spec.text_field)
 
@@ -437,6 +441,10 @@ def fingerprint(spec: CorpusSpec, strong: bool = False) -> str:
     file's full content (streamed), its position and format, independent of where the corpus is
     stored. Both include ``text_field`` and ``format`` since they change what is read.
     """
+    from rbridge_core.hub import HubCorpusSpec, hub_fingerprint
+
+    if isinstance(spec, HubCorpusSpec):
+        return hub_fingerprint(spec, strong)
     h = hashlib.sha256()
     h.update(json.dumps({"text_field": spec.text_field, "format": spec.format}).encode())
     for idx, f in enumerate(_list_files(spec)):

@@ -452,3 +452,13 @@ def test_hub_corpus_fingerprints(corpus_repo, tmp_path) -> None:
     )
     assert hub_fingerprint(spec) != cheap
     assert hub_fingerprint(spec, strong=True) != strong
+
+
+def test_hub_corpus_streams_through_the_training_reader(corpus_repo) -> None:
+    """The corpora module (what training and the cache keys call) dispatches hub specs."""
+    from rbridge_core import corpora
+
+    spec = CorpusConfig(name="web", hub={"name": str(corpus_repo)}).spec()
+    assert list(corpora.iter_documents(spec)) == ["first document", "third"]
+    assert corpora.fingerprint(spec) == hub_fingerprint(spec)
+    assert corpora.fingerprint(spec, strong=True) == hub_fingerprint(spec, strong=True)
