@@ -235,5 +235,5 @@ def test_natural_language_contexts_end_in_a_newline_not_a_space():
     for name in known_benchmarks():
         template = template_for(name)
         assert isinstance(template, PromptTemplate) and template.description
-        if name != "humaneval":
+        if not name.startswith("humaneval"):  # code continues the prompt as given
             assert template.render("x").endswith("\n"), name
