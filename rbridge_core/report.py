@@ -57,6 +57,7 @@ def render_report(
     title: str,
     extra: dict | None = None,
     checkpoint: str | dict[str, str] | None = None,
+    confidence_sources: dict[str, dict] | None = None,
 ) -> Report:
     """Render the ranking report of one run.
 
@@ -66,7 +67,9 @@ def render_report(
     ``failed`` maps corpus -> error message of corpora that could not be scored.
     ``headline_metrics`` are the metrics shown, in order; those absent from the ranking are listed
     as skipped. ``extra`` is shown as a key/value list under the title (e.g. config name, git
-    revision, a timestamp).
+    revision, a timestamp). ``confidence_sources`` maps a benchmark to the ``confidence_source``
+    of its traces (``trace_metadata``): where rBridge's weights came from (frontier logprobs, a
+    reference model's backfill, or none).
 
     The markdown has: the corpora scored and failed; the ranking's notes (mixed tokenizers,
     context lengths, truncated items), if any; a rank heat-map ``rank_heatmap.png`` (corpora x
@@ -92,6 +95,7 @@ def render_report(
     lines += _extra_section(extra)
     lines += _corpora_section(corpora, failed)
     lines += _notes_section(ranking_notes(scores, checkpoint) if len(scores) else [])
+    lines += _confidence_section(confidence_sources)
     if skipped:
         lines += [f"Headline metrics not in the ranking (skipped): {', '.join(skipped)}.", ""]
     if shown:
@@ -140,6 +144,23 @@ def _corpora_section(corpora: list[str], failed: dict[str, str]) -> list[str]:
     if failed:
         lines.append(f"Corpora failed ({len(failed)}): {', '.join(sorted(failed))}.")
     return [*lines, ""]
+
+
+def _confidence_section(sources: dict[str, dict] | None) -> list[str]:
+    """Where each benchmark's trace confidences (rBridge's weights) came from."""
+    if not sources:
+        return []
+    from rbridge_core.trace_metadata import describe_confidence_source
+
+    return [
+        "## Trace confidences",
+        "",
+        *[
+            f"- {_one_line(b)}: {describe_confidence_source({'confidence_source': s})}"
+            for b, s in sorted(sources.items())
+        ],
+        "",
+    ]
 
 
 def _notes_section(notes: list[str]) -> list[str]:

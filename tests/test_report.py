@@ -176,3 +176,17 @@ def test_notes_name_mixed_tokenizers() -> None:
     assert "only the tokenizer-free metrics trace_bpb, span_bpb are ranked" in notes
     assert "skipped): trace_nll" in md  # per-token metrics are not ranked
     assert "## Notes" not in _render().markdown  # nothing to say: no section
+
+
+def test_report_says_where_trace_confidences_came_from() -> None:
+    sources = {
+        "gsm8k": {"kind": "backfill", "model": "reference-gsm8k", "backend": "transformers"},
+        "arc": {"kind": "frontier", "model": "gpt-4o"},
+        "csqa": {"kind": "none"},
+    }
+    md = _render(confidence_sources=sources).markdown
+    section = md.split("## Trace confidences\n\n")[1].split("\n## ")[0]
+    assert "- gsm8k: backfilled by reference model reference-gsm8k (transformers)" in section
+    assert "- arc: frontier logprobs of gpt-4o" in section
+    assert "- csqa: none (unweighted: rbridge_nll equals trace_nll)" in section
+    assert "## Trace confidences" not in _render().markdown
