@@ -7,7 +7,9 @@ openai backend's requests/s against a local OpenAI-compatible server.
      backend      ``TransformersBackend.generate`` unconstrained: + raw logits kept,
                   log_softmax of the emitted tokens, token bytes;
      constrained  the same with ``json_constrained`` (the JSON-frame logits processor).
-   Reported: generated tokens / second for each, and backend / plain. Models: the shipped
+   Reported: generated tokens per second of wall time and per second of this process's CPU
+   time (with one torch thread, the CPU time per token does not move with other processes'
+   load), and backend / plain for both. Models: the shipped
    tiny-math (164k parameters, 512-token vocabulary) and, when the shared data folder has the
    GPT-NeoX tokenizer, a random 4-layer Llama (hidden 256) with its 50,280-token vocabulary, where
    the constraint's per-state vocabulary walk costs the most.
@@ -17,7 +19,7 @@ openai backend's requests/s against a local OpenAI-compatible server.
    prompts at each concurrency; reported: requests / second. Then ``generate_traces`` end to end
    (items, requests, parsing, shards, output) at ``--concurrency``.
 
-    python bench/bench_generation.py                     # ~3 min on a 2-core CPU
+    python bench/bench_generation.py                     # ~10 min on an idle 2-core CPU
     python bench/bench_generation.py --items 2 --new-tokens 64 --requests 32 --json gen.json
 """
 
@@ -75,25 +77,44 @@ def bench_transformers(model_dir: Path, prompts, new_tokens: int, repeats: int) 
         "backend": lambda: ours(backend),
         "constrained": lambda: ours(constrained),
     }
-    rates: dict[str, list[float]] = {name: [] for name in paths}
+    wall: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     for run in paths.values():
         run()  # warm-up (and, constrained, the per-state token masks)
     for _ in range(repeats):
         for name, run in paths.items():  # interleaved: load drift hits every path alike
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             tokens = run()
-            rates[name].append(tokens / (time.perf_counter() - began))
-    median = {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
+            wall[name].append(tokens / (time.perf_counter() - began))
+            cpu[name].append(tokens / (time.process_time() - began_cpu))
+    wall_rate = {name: sorted(v)[len(v) // 2] for name, v in wall.items()}
+    cpu_rate = {name: sorted(v)[len(v) // 2] for name, v in cpu.items()}
     return {
         "model": str(model_dir.name),
         "vocab": len(backend.tokenizer),
         "prompts": len(prompts),
         "max_new_tokens": new_tokens,
-        "tokens_per_s": median,
-        "backend_over_plain": median["backend"] / median["plain"],
-        "constrained_over_plain": median["constrained"] / median["plain"],
+        "tokens_per_s": wall_rate,
+        "tokens_per_cpu_s": cpu_rate,
+        "backend_over_plain": wall_rate["backend"] / wall_rate["plain"],
+        "constrained_over_plain": wall_rate["constrained"] / wall_rate["plain"],
+        "cpu_backend_over_plain": cpu_rate["backend"] / cpu_rate["plain"],
+        "cpu_constrained_over_plain": cpu_rate["constrained"] / cpu_rate["plain"],
         "frame_states_cached": len(constrained.frame._allowed),
+        "frame_build_s": _frame_build_seconds(constrained),
     }
+
+
+def _frame_build_seconds(constrained) -> float:
+    """One-time cost of the constraint: the allowed tokens of every frame state the runs met,
+    computed afresh (the backend caches them for its lifetime)."""
+    from rbridge_core.generation.json_frame import JsonFrame
+
+    fresh = JsonFrame(constrained.token_bytes, constrained.eos_ids)
+    began = time.perf_counter()
+    for state, closing in constrained.frame._allowed:
+        fresh.allowed(state, closing)
+    return time.perf_counter() - began
 
 
 def neox_random_model(root: Path) -> Path | None:
@@ -188,18 +209,25 @@ def bench_openai(args, prompts_for, root: Path) -> dict:
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", server)
         prompts = prompts_for(args.requests)
-        rates = {}
-        for concurrency in args.concurrencies:
-            backend = OpenAIBackend(
-                "bench", max_new_tokens=1024, base_url=url, api_key="EMPTY",
-                concurrency=concurrency,
-            )  # fmt: skip
-            backend.generate(prompts[: min(4, len(prompts))])  # warm-up: connections
-            began = time.perf_counter()
-            backend.generate(prompts)
-            rates[concurrency] = len(prompts) / (time.perf_counter() - began)
-        result["requests_per_s"] = rates
-        result["ideal_requests_per_s"] = {c: c * 1000 / args.latency_ms for c in args.concurrencies}
+        rates: dict[int, list[float]] = {c: [] for c in args.concurrencies}
+        backends = {
+            c: OpenAIBackend(
+                "bench", max_new_tokens=1024, base_url=url, api_key="EMPTY", concurrency=c
+            )
+            for c in args.concurrencies
+        }
+        for backend in backends.values():
+            backend.generate(prompts[: min(16, len(prompts))])  # warm-up: connections
+        for _ in range(args.repeats):
+            for concurrency, backend in backends.items():  # interleaved, as above
+                began = time.perf_counter()
+                backend.generate(prompts)
+                rates[concurrency].append(len(prompts) / (time.perf_counter() - began))
+        result["requests_per_s"] = {c: sorted(v)[len(v) // 2] for c, v in rates.items()}
+        result["ideal_requests_per_s"] = {
+            c: c * 1000 / args.latency_ms if args.latency_ms > 0 else math.inf
+            for c in args.concurrencies
+        }
         config = GenerationConfig(
             backend="openai", model="bench", base_url=url, benchmarks=("gsm8k",),
             limit=args.requests, concurrency=args.concurrency, shard_items=64,
@@ -212,6 +240,7 @@ def bench_openai(args, prompts_for, root: Path) -> dict:
             "items": report.requests,
             "items_per_s": report.requests / seconds,
             "seconds": seconds,
+            "backend_seconds": report.seconds,  # inside backend.generate (requests + replies)
         }
     finally:
         stop(server)
@@ -232,6 +261,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--reply-tokens", type=int, default=300)
     parser.add_argument("--skip-neox", action="store_true")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1: CPU time per token does not depend on other processes' load)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,12 +273,14 @@ def main() -> None:
         serve(args.serve, args.latency_ms, args.reply_tokens)
         return
 
+    import torch
     import transformers
 
     from rbridge_core.benchmarks import load_benchmark
     from rbridge_core.generation.prompts import load_template
 
     transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
     template = load_template()
     items = load_benchmark("gsm8k", limit=max(args.items, args.requests))
 
@@ -254,8 +290,8 @@ def main() -> None:
     results = {"machine": benchenv.machine_info()}
     with tempfile.TemporaryDirectory(prefix="bench_generation_") as tmp:
         root = Path(tmp)
-        models = [TINY_MATH]
-        if not args.skip_neox and (neox := neox_random_model(root)) is not None:
+        models = [] if args.skip_transformers else [TINY_MATH]
+        if models and not args.skip_neox and (neox := neox_random_model(root)) is not None:
             models.append(neox)
         results["transformers"] = [
             bench_transformers(m, prompts_for(args.items), args.new_tokens, args.repeats)
@@ -265,14 +301,18 @@ def main() -> None:
     results["machine"]["load_average_1m_end"] = os.getloadavg()[0]
 
     for r in results["transformers"]:
-        rate = r["tokens_per_s"]
+        rate, cpu = r["tokens_per_s"], r["tokens_per_cpu_s"]
         print(f"transformers {r['model']} (vocab {r['vocab']}, {r['prompts']} prompts x "
-              f"<= {r['max_new_tokens']} tokens), tokens/s:")  # fmt: skip
-        print(f"  plain generate        {rate['plain']:8.1f}")
-        print(f"  backend               {rate['backend']:8.1f}   x{r['backend_over_plain']:.3f}")
-        print(f"  backend, constrained  {rate['constrained']:8.1f}   "
-              f"x{r['constrained_over_plain']:.3f}  "
-              f"({r['frame_states_cached']} frame states)")  # fmt: skip
+              f"<= {r['max_new_tokens']} tokens, {args.threads} torch thread(s)):")  # fmt: skip
+        print("                        tokens/s  ratio   tokens/CPU-s  ratio")
+        print(f"  plain generate        {rate['plain']:8.1f}          {cpu['plain']:8.1f}")
+        print(f"  backend               {rate['backend']:8.1f}  x{r['backend_over_plain']:.3f}"
+              f"  {cpu['backend']:8.1f}  x{r['cpu_backend_over_plain']:.3f}")  # fmt: skip
+        print(f"  backend, constrained  {rate['constrained']:8.1f}  "
+              f"x{r['constrained_over_plain']:.3f}  {cpu['constrained']:8.1f}  "
+              f"x{r['cpu_constrained_over_plain']:.3f}  "
+              f"({r['frame_states_cached']} frame states, built once in "
+              f"{r['frame_build_s']:.2f} s)")  # fmt: skip
     o = results["openai"]
     print(f"openai backend, local server ({o['latency_ms']:.0f} ms per reply, "
           f"{o['reply_tokens']} tokens), requests/s:")  # fmt: skip
@@ -280,7 +320,8 @@ def main() -> None:
         print(f"  concurrency {c:3d}  {rate:7.1f}   (ideal {o['ideal_requests_per_s'][c]:.1f})")
     e = o["end_to_end"]
     print(f"  generate_traces end to end at concurrency {e['concurrency']}: {e['items']} items "
-          f"in {e['seconds']:.2f} s = {e['items_per_s']:.1f} items/s")  # fmt: skip
+          f"in {e['seconds']:.2f} s = {e['items_per_s']:.1f} items/s "
+          f"({e['backend_seconds']:.2f} s in requests)")  # fmt: skip
     print(f"load average: {results['machine']['load_average_1m']:.2f} at start, "
           f"{results['machine']['load_average_1m_end']:.2f} at end")  # fmt: skip
     if args.json:

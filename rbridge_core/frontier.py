@@ -297,20 +297,31 @@ def _pieces(
     raw_lps: np.ndarray,
     raw_source: np.ndarray,
 ) -> tuple[list[str], list[float]]:
-    """Group decoded characters into frontier pieces with one logprob each."""
-    pieces: list[str] = []
-    logprobs: list[float] = []
-    current = MIXED
-    for ch, (a, b) in zip(trace, char_source, strict=True):
-        sources = raw_source[a:b]
-        token = int(sources[0]) if (sources == sources[0]).all() else MIXED
-        if token != MIXED and token == current:
-            pieces[-1] += ch
-            continue
-        lp = float(raw_lps[a]) if token != MIXED else _log_mean_exp(raw_lps[a:b])
-        pieces.append(ch)
-        logprobs.append(lp)
-        current = token
+    """Group decoded characters into frontier pieces with one logprob each.
+
+    Vectorised over characters (a per-character loop cost ~30 ms per 2,000-character reply); only
+    escapes (several raw characters) are checked one by one.
+    """
+    n = len(trace)
+    if n == 0:
+        return [], []
+    bounds = np.asarray(char_source, dtype=np.int64).reshape(n, 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
+    token = raw_source[starts].copy()  # [n]: the frontier token of each decoded character
+    for c in np.flatnonzero(ends - starts > 1):
+        sources = raw_source[starts[c] : ends[c]]
+        if not (sources == sources[0]).all():
+            token[c] = MIXED
+    # A piece starts at a change of token and at every character built from several tokens.
+    starts_piece = np.ones(n, dtype=bool)
+    starts_piece[1:] = (token[1:] != token[:-1]) | (token[1:] == MIXED)
+    first = np.flatnonzero(starts_piece)
+    cuts = [*first.tolist(), n]
+    pieces = [trace[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    logprobs = raw_lps[starts[first]].tolist()
+    for k in np.flatnonzero(token[first] == MIXED):
+        c = first[k]
+        logprobs[k] = _log_mean_exp(raw_lps[starts[c] : ends[c]])
     return pieces, logprobs
 
 

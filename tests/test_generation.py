@@ -643,7 +643,14 @@ def test_vllm_backend_builds_sampling_params_and_reads_request_outputs(tok512, t
 def tiny_backend():
     from rbridge_core.generation.transformers_backend import TransformersBackend
 
-    return TransformersBackend(str(TINY_MATH), max_new_tokens=80, json_constrained=True)
+    # One thread: a 164k-parameter model's steps are too small to share; on a busy 2-core
+    # machine two threads spin-wait on each other (10x slower). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield TransformersBackend(str(TINY_MATH), max_new_tokens=80, json_constrained=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_transformers_constrained_greedy_records_the_models_own_logprobs(tiny_backend) -> None:

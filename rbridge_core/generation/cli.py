@@ -49,7 +49,7 @@ def traces_generate(
     prompts_file: Path = typer.Option(None, help="A prompts YAML replacing "
                                       "rbridge_core/generation_prompts.yaml."),
     dtype: str = typer.Option(None, help="transformers/vllm: float32 (default), bfloat16, "
-                              "float16."),
+                              "float16, auto (the checkpoint's)."),
     device: str = typer.Option(None, help="transformers: torch device (default cpu)."),
     timeout: float = typer.Option(None, help="openai: seconds per request (default 300)."),
     max_retries: int = typer.Option(None, help="openai: retries on 429/5xx/timeouts (default 6)."),
@@ -92,6 +92,8 @@ def traces_generate(
             for e in err.errors()
         )
         raise ConfigError(f"invalid generation settings: {problems}") from None
+    if api_key_block and config.backend != "openai":
+        raise ConfigError(f"--api-key-block is for backend 'openai'; backend is {config.backend!r}")
     api_key = _secret_block(api_key_block) if api_key_block else None
     if config.backend == "transformers":
         import transformers

@@ -58,8 +58,10 @@ class GenerationConfig(BaseModel):
     prompts_file: str | None = Field(
         None, description="A YAML prompts file (None: rbridge_core/generation_prompts.yaml)."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="transformers/vllm: weight and compute dtype."
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="transformers/vllm: weight and compute dtype ('auto': the checkpoint's own; "
+        "use bfloat16 or auto with vllm on a GPU).",
     )
     device: str = Field("cpu", description="transformers: torch device (cpu, cuda, cuda:1).")
     cache_dir: str | None = Field(

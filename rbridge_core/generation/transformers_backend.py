@@ -42,7 +42,7 @@ class TransformersBackend:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                model, dtype=getattr(torch, dtype)
+                model, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
             ).to(device)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load model {model!r} with transformers: {err}") from err
