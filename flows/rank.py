@@ -54,25 +54,25 @@ def process_corpus(
             corpus, config.proxy, cache, key, return_state=True
         )
         states["train"] = trained.name
-        proxies = [_described(trained)]
+        # the cached entry carries no name and no location: this run's corpus and cache
+        proxies = [pipeline.proxy_ref(corpus.name, _described(trained), cache)]
     scores = []
     for proxy in proxies:
         scored = configured(score_proxy, cache, execution)(
             proxy, traces, config.scoring, cache, return_state=True
         )
         states[f"score:{proxy.uri}"] = scored.name
-        scores.append(_described(scored))
+        scores.append(pipeline.score_ref(proxy, _described(scored), cache))
     return pipeline.CorpusResult(corpus=corpus.name, proxies=proxies, scores=scores, states=states)
 
 
-def _described(state):
-    """The step's result as this run saw it: a cached one computed nothing here (no training
-    and no seconds spent), whatever the run that cached it recorded."""
-    result = state.result()
+def _described(state) -> pipeline.CacheEntry:
+    """The step's cache entry as this run saw it: a cached one computed nothing here (no
+    training and no seconds spent), whatever the run that cached it recorded."""
+    entry = state.result()
     if state.name != "Cached":
-        return result
-    update = {"seconds": 0.0, **({"trained": False} if hasattr(result, "trained") else {})}
-    return result.model_copy(update=update)
+        return entry
+    return entry.model_copy(update={"computed": False, "seconds": 0.0})
 
 
 @flow(name="train-and-score")

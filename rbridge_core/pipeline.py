@@ -1,16 +1,24 @@
 """The steps of a corpus ranking as plain functions: the Prefect tasks wrap them one to one.
 
-Every step is idempotent and content-addressed. A step's *key* hashes everything its result
-depends on (the corpus content, tokenizer, model and training config and training code for a
-proxy; the checkpoint, traces, scoring config and scoring code for scores), and its output goes
-to a folder named by that key under the cache location. A step whose output folder is complete
-returns it without recomputing, so a re-run, a retry or another machine sharing the cache (S3)
-never repeats work; the Prefect cache on top only saves the lookup.
+Every step is idempotent and content-addressed. A step's *key* hashes what its numbers depend
+on (for a proxy: the corpus content, tokenizer, model and training config and the training
+recipe version; for scores: the checkpoint, traces, scoring config and the scoring recipe
+version), never the corpus's name, where the cache is, or the source files. Its output goes to
+a folder named by that key under the cache root, with an ``entry.json`` written last: the
+*cache entry*, which lists the output files with their sizes (and sha256 for scores) by paths
+relative to the folder. An entry is used only if every file it lists is there and intact;
+a damaged one is named in the log, removed and recomputed. One run computes an entry while
+others wanting it wait on its lease (``locks``) and then reuse it, so a re-run, a retry, a
+concurrent run or another machine sharing the cache (S3) never repeats work; the Prefect cache
+on top only saves the lookup. Entries carry no corpus names and no absolute paths: the run
+resolves them against its own cache root and labels them with its own corpus names
+(``proxy_ref``, ``score_ref``, ``collect_scores``), so a renamed corpus ranks under its new
+name, two names for the same files are both ranked (trained once), and a cache moved or copied
+elsewhere (another folder, S3) serves hits from the copy.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -18,45 +26,49 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rbridge_core.config import CorpusConfig, ProxyConfig, RankConfig, ScoringConfig, TracesConfig
 from rbridge_core.errors import RbridgeError
-from rbridge_core.storage import download_dir, is_url, join, read_bytes, write_bytes_atomic
+from rbridge_core.locks import lease
+from rbridge_core.storage import (
+    download_dir,
+    is_url,
+    join,
+    read_bytes,
+    remove_tree,
+    write_bytes_atomic,
+)
 from rbridge_core.traces import Trace, read_traces, traces_to_table
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).parent
-TRAINING_CODE = (
-    "checkpoints.py",
-    "config.py",
-    "corpora.py",
-    "models.py",
-    "proxy.py",
-    "tokenizer.py",
-    "training.py",
-)
-SCORING_CODE = (
-    "alignment.py",
-    "config.py",
-    "metrics.py",
-    "schemas.py",
-    "scoring.py",
-    "templates.py",
-    "templates.yaml",
-    "traces.py",
-)
+
+# Recipe versions: the cache keys hold these instead of the source code, so an edit that leaves
+# the numbers alone (a comment, a refactor, a faster kernel) reuses every proxy and score, and
+# an edit that changes them must bump its version (tests/test_cache_healing.py compares golden
+# numbers of a tiny training run and of a fixed scoring with tests/golden/recipes.json and
+# fails when they change under the same version; RBRIDGE_REGENERATE_GOLDEN=1 rewrites it).
+# TRAINING_RECIPE covers corpus reading, tokenising and packing, the model presets and
+# initialisation, and the training loop; SCORING_RECIPE the templates, alignment, the forward
+# pass and every metric.
+TRAINING_RECIPE = "1"
+# 2: sliding-window models scored in windows, the output head and statistics in float32,
+# norm_entropy over the tokenizer's vocabulary, span_bpb
+SCORING_RECIPE = "2"
+
 RUN_FILES = ("item_scores.parquet", "scores.parquet", "ranking.parquet", "report.md")
 
 
@@ -87,7 +99,8 @@ class ProxyRef(_Record):
 
 
 class ScoreRef(_Record):
-    """Scores of one model folder on the traces: two Parquet files under the cache."""
+    """Scores of one model folder on the traces: two Parquet files under the cache, with their
+    sha256 (checked when the run reads them)."""
 
     corpus: str
     checkpoint: str
@@ -95,6 +108,8 @@ class ScoreRef(_Record):
     scores_uri: str
     key: str
     seconds: float = 0.0
+    item_scores_sha256: str | None = None
+    scores_sha256: str | None = None
 
 
 class CorpusResult(_Record):
@@ -107,6 +122,138 @@ class CorpusResult(_Record):
     child_flow_run: str | None = None  # cluster mode: the train-and-score flow run's id
 
 
+# --- cache entries -------------------------------------------------------------------------------
+
+PROXY, SCORES = "proxy", "scores"
+STEP_FOLDERS = {PROXY: "proxies", SCORES: "scores"}
+ENTRY_NAME = "entry.json"  # written last: a folder without it is not (yet) an entry
+
+
+class FileStamp(_Record):
+    """What a cached file must be: its size, and (scores files, small) its sha256."""
+
+    size: int
+    sha256: str | None = None
+
+
+class CacheEntry(_Record):
+    """One step's output as the cache holds it: name-free and location-free.
+
+    ``path`` is the entry's folder relative to the cache root and ``files`` its output files
+    relative to that folder, so a cache copied elsewhere serves its entries from the copy.
+    ``computed`` and ``seconds`` say what the call that returned it did (False, 0: found)."""
+
+    step: Literal["proxy", "scores"]
+    key: str
+    recipe: str
+    path: str
+    files: dict[str, FileStamp]
+    computed: bool = False
+    seconds: float = 0.0
+
+
+class ProxyEntry(CacheEntry):
+    """A trained proxy: ``path/final`` is its Hugging Face folder."""
+
+    step: Literal["proxy"] = PROXY
+    train_tokens: int | None = None
+    train_flops: float | None = None
+    params: int | None = None
+
+
+class ScoresEntry(CacheEntry):
+    """The scores of one model folder on one set of traces: ``path/item_scores.parquet`` and
+    ``path/scores.parquet``, their ``corpus`` and ``checkpoint`` columns left empty (the run
+    that reads them fills in its own)."""
+
+    step: Literal["scores"] = SCORES
+
+
+Entry = TypeVar("Entry", bound=CacheEntry)
+
+
+def entry_path(step: str, key: str) -> str:
+    """The folder of the entry of ``step`` with ``key``, relative to the cache root."""
+    return f"{STEP_FOLDERS[step]}/{key[:32]}"
+
+
+def lease_uri(cache_dir: str, step: str, key: str) -> str:
+    """The lease a run holds while it computes that entry (``locks``)."""
+    return join(cache_dir, "locks", f"{step}-{key[:32]}.lock")
+
+
+def lookup(cache_dir: str, step: str, key: str) -> tuple[CacheEntry | None, str | None]:
+    """(the entry, None) if ``cache_dir`` holds a complete and intact entry of ``step`` with
+    ``key``; (None, None) if it holds none; (None, what is wrong) if it holds a damaged one
+    (a listed file missing, of another size or content, or an unreadable entry.json)."""
+    model = ProxyEntry if step == PROXY else ScoresEntry
+    folder = join(cache_dir, entry_path(step, key))
+    marker = join(folder, ENTRY_NAME)
+    fs, marker_path = fsspec.core.url_to_fs(marker)
+    try:
+        raw = fs.cat_file(marker_path)
+    except FileNotFoundError:
+        return None, None
+    try:
+        entry = model.model_validate_json(raw)
+    except ValidationError as error:
+        return None, f"{marker} is not a cache entry ({error.error_count()} errors)"
+    if entry.key != key:
+        return None, f"{marker} is the entry of key {entry.key[:16]}, expected {key[:16]}"
+    sizes = _file_sizes(folder)
+    for name, stamp in sorted(entry.files.items()):
+        uri = join(folder, name)
+        if name not in sizes:
+            return None, f"{uri} is missing"
+        if sizes[name] != stamp.size:
+            return None, f"{uri} has {sizes[name]:,} bytes, expected {stamp.size:,}"
+        if stamp.sha256 is not None and _sha256(read_bytes(uri)) != stamp.sha256:
+            return None, f"{uri} does not have the content it was written with (sha256)"
+    return entry, None
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    """Every file under ``folder`` (a path or URL) by its path relative to it, with its size."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    root = root.rstrip("/") + "/"
+    fs.invalidate_cache(root)  # what is there now, not what this process listed before
+    return {name[len(root) :]: info["size"] for name, info in fs.find(root, detail=True).items()}
+
+
+def _cached_or_computed(
+    cache_dir: str, step: str, key: str, compute: Callable[[str], Entry], what: str
+) -> Entry:
+    """The entry of ``step`` with ``key``: found intact in the cache, or made by
+    ``compute(folder)`` (which writes the output files and then entry.json) while holding the
+    entry's lease, so that concurrent runs wanting it compute it once; a damaged entry is
+    named in the log, removed and recomputed."""
+    entry, _ = lookup(cache_dir, step, key)
+    if entry is not None:
+        logger.info("%s: found in the cache at %s", what, join(cache_dir, entry.path))
+        return entry
+    folder = join(cache_dir, entry_path(step, key))
+    with lease(lease_uri(cache_dir, step, key), what=what):
+        entry, damage = lookup(cache_dir, step, key)  # another run may have made it meanwhile
+        if entry is not None:
+            logger.info("%s: made by another run meanwhile, at %s", what, folder)
+            return entry
+        if damage is not None:
+            logger.warning("%s: the cached entry is damaged: %s; recomputing it", what, damage)
+            remove_tree(folder)
+        t0 = time.perf_counter()
+        entry = compute(folder)
+    return entry.model_copy(update={"computed": True, "seconds": time.perf_counter() - t0})
+
+
+def _write_entry(folder: str, entry: CacheEntry) -> None:
+    payload = entry.model_dump_json(indent=2, exclude={"computed", "seconds"})
+    write_bytes_atomic(join(folder, ENTRY_NAME), payload.encode())
+
+
 # --- keys ----------------------------------------------------------------------------------------
 
 
@@ -114,15 +261,6 @@ def digest(*parts) -> str:
     """sha256 hex of a JSON rendering of ``parts`` (sorted keys: order-independent dicts)."""
     payload = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-@functools.cache
-def code_fingerprint(files: tuple[str, ...]) -> str:
-    """Hash of the package source files a step's results depend on (read once per process)."""
-    h = hashlib.sha256()
-    for name in files:
-        h.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes())
-    return h.hexdigest()
 
 
 def file_fingerprint(path: str) -> str:
@@ -159,25 +297,26 @@ SCORING_RUN_ONLY = {"batch_max_tokens", "head_chunk_rows", "compile_statistics"}
 
 
 def proxy_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) -> str:
-    """Key of a proxy trained on ``corpus``: changes exactly when its training would."""
+    """Key of a proxy trained on ``corpus``: changes exactly when its training would (not with
+    the corpus's name, nor with source edits that keep TRAINING_RECIPE)."""
     from rbridge_core.corpora import fingerprint
 
     return digest(
         "proxy",
+        TRAINING_RECIPE,
         fingerprint(corpus.spec(), strong=strong),
         file_fingerprint(proxy.tokenizer),
         proxy.model().model_dump(mode="json"),
         proxy.training.model_dump(mode="json", exclude=TRAINING_RUN_ONLY),
         proxy.repeat_corpus,
-        code_fingerprint(TRAINING_CODE),
     )
 
 
-def score_key(corpus: str, proxy: ProxyRef, traces: TracesRef, scoring: ScoringConfig) -> str:
-    """Key of the scores of ``proxy`` on ``traces``: the checkpoint, traces, config and code."""
-    code = code_fingerprint(SCORING_CODE)
+def score_key(proxy: ProxyRef, traces: TracesRef, scoring: ScoringConfig) -> str:
+    """Key of the scores of ``proxy`` on ``traces``: the checkpoint's key, the traces' content,
+    the scoring config and SCORING_RECIPE (not the corpus's name, nor where the files live)."""
     config = scoring.model_dump(mode="json", exclude=SCORING_RUN_ONLY)
-    return digest("scores", corpus, proxy.key, traces.key, config, code)
+    return digest("scores", SCORING_RECIPE, proxy.key, traces.key, config)
 
 
 # --- traces --------------------------------------------------------------------------------------
@@ -240,17 +379,19 @@ def _read_json(uri: str) -> dict:
     return json.loads(read_bytes(uri))
 
 
-def _proxy_ref(corpus: str, uri: str, key: str, trained: bool, seconds: float) -> ProxyRef:
-    meta = _read_json(join(uri, "meta.json"))
+def proxy_ref(corpus: str, entry: ProxyEntry, cache_dir: str) -> ProxyRef:
+    """This run's view of a cached proxy: under this run's corpus name and cache root."""
+    from rbridge_core.checkpoints import FINAL_DIR
+
     return ProxyRef(
         corpus=corpus,
-        uri=uri,
-        key=key,
-        trained=trained,
-        train_tokens=meta.get("train_tokens"),
-        train_flops=meta.get("train_flops"),
-        params=meta.get("params"),
-        seconds=seconds,
+        uri=join(cache_dir, entry.path, FINAL_DIR),
+        key=entry.key,
+        trained=entry.computed,
+        train_tokens=entry.train_tokens,
+        train_flops=entry.train_flops,
+        params=entry.params,
+        seconds=entry.seconds,
     )
 
 
@@ -275,34 +416,46 @@ def training_for_attempt(proxy: ProxyConfig, attempt: int) -> ProxyConfig:
 
 def train_corpus(
     corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str, attempt: int = 1
-) -> ProxyRef:
-    """Train ``corpus``'s proxy into ``cache_dir/proxies/<name>-<key>``, or reuse it if complete.
+) -> ProxyEntry:
+    """Train ``corpus``'s proxy into the cache entry of ``key`` (``proxies/<key>``), or reuse
+    the entry if it is complete (``_cached_or_computed``: verified, leased, healed).
 
     An interrupted earlier attempt resumes from its own latest checkpoint; retry ``attempt``
     trains with a smaller micro-batch (``training_for_attempt``).
     """
-    from rbridge_core.checkpoints import FINAL_DIR, final_is_complete
+    from rbridge_core.checkpoints import FINAL_DIR, META_NAME
     from rbridge_core.proxy import train_proxy
 
-    run_dir = join(cache_dir, "proxies", f"{corpus.name}-{key[:16]}")
-    final = join(run_dir, FINAL_DIR)
-    if final_is_complete(run_dir):
-        logger.info("corpus %s: proxy found in the cache at %s", corpus.name, final)
-        return _proxy_ref(corpus.name, final, key, trained=False, seconds=0.0)
-    t0 = time.perf_counter()
-    proxy = training_for_attempt(proxy, attempt)
-    with _MODEL_WORK:
-        train_proxy(
-            corpus.spec(),
-            proxy.tokenizer,
-            proxy.model(),
-            proxy.training,
-            run_dir,
-            resume=True,
-            repeat=proxy.repeat_corpus,
-            device=None if proxy.device == "auto" else proxy.device,
+    def train(folder: str) -> ProxyEntry:
+        config = training_for_attempt(proxy, attempt)
+        with _MODEL_WORK:
+            train_proxy(
+                corpus.spec(),
+                config.tokenizer,
+                config.model(),
+                config.training,
+                folder,
+                resume=True,
+                repeat=config.repeat_corpus,
+                device=None if config.device == "auto" else config.device,
+            )
+        final = join(folder, FINAL_DIR)
+        meta = _read_json(join(final, META_NAME))
+        # the weights can be gigabytes: their sizes are checked on every use, not their hashes
+        sizes = _file_sizes(final)
+        entry = ProxyEntry(
+            key=key,
+            recipe=TRAINING_RECIPE,
+            path=entry_path(PROXY, key),
+            files={f"{FINAL_DIR}/{name}": FileStamp(size=size) for name, size in sizes.items()},
+            train_tokens=meta.get("train_tokens"),
+            train_flops=meta.get("train_flops"),
+            params=meta.get("params"),
         )
-    return _proxy_ref(corpus.name, final, key, trained=True, seconds=time.perf_counter() - t0)
+        _write_entry(folder, entry)
+        return entry
+
+    return _cached_or_computed(cache_dir, PROXY, key, train, f"corpus {corpus.name}: proxy")
 
 
 def given_checkpoints(corpus: CorpusConfig) -> list[ProxyRef]:
@@ -347,41 +500,57 @@ def score_proxy(
     cache_dir: str,
     key: str,
     attempt: int = 1,
-) -> ScoreRef:
-    """Score ``proxy`` on ``traces`` into ``cache_dir/scores/<key>/``, or reuse complete scores."""
+) -> ScoresEntry:
+    """Score ``proxy`` on ``traces`` into the cache entry of ``key`` (``scores/<key>``), or
+    reuse the entry if it is complete and intact (``_cached_or_computed``)."""
     from rbridge_core.scoring import score_model_dir
 
-    out = join(cache_dir, "scores", f"{proxy.corpus}-{key[:16]}")
-    ref = ScoreRef(
+    def score(folder: str) -> ScoresEntry:
+        trace_rows = read_traces(traces.uri)
+        config = scoring_for_attempt(scoring, attempt)
+        with tempfile.TemporaryDirectory(prefix="rbridge-model-") as tmp:
+            model_dir = download_dir(proxy.uri, tmp) if is_url(proxy.uri) else proxy.uri
+            with _MODEL_WORK:
+                result = score_model_dir(model_dir, trace_rows, config, corpus=proxy.corpus)
+        files = {}
+        # name-free and location-free: the run that reads them labels them (collect_scores)
+        for name, table in (("item_scores", result.item_scores), ("scores", result.scores)):
+            payload = _parquet(_labelled(table, corpus="", checkpoint=""))
+            write_bytes_atomic(join(folder, f"{name}.parquet"), payload)
+            files[f"{name}.parquet"] = FileStamp(size=len(payload), sha256=_sha256(payload))
+        entry = ScoresEntry(
+            key=key, recipe=SCORING_RECIPE, path=entry_path(SCORES, key), files=files
+        )
+        _write_entry(folder, entry)
+        return entry
+
+    what = f"corpus {proxy.corpus}: scores of {proxy.uri}"
+    return _cached_or_computed(cache_dir, SCORES, key, score, what)
+
+
+def score_ref(proxy: ProxyRef, entry: ScoresEntry, cache_dir: str) -> ScoreRef:
+    """This run's view of cached scores: of ``proxy`` (its corpus name and URI), under this
+    run's cache root."""
+    folder = join(cache_dir, entry.path)
+    return ScoreRef(
         corpus=proxy.corpus,
         checkpoint=proxy.uri,
-        item_scores_uri=join(out, "item_scores.parquet"),
-        scores_uri=join(out, "scores.parquet"),
-        key=key,
+        item_scores_uri=join(folder, "item_scores.parquet"),
+        scores_uri=join(folder, "scores.parquet"),
+        key=entry.key,
+        seconds=entry.seconds,
+        item_scores_sha256=entry.files["item_scores.parquet"].sha256,
+        scores_sha256=entry.files["scores.parquet"].sha256,
     )
-    fs, scores_path = fsspec.core.url_to_fs(ref.scores_uri)
-    if fs.exists(scores_path):  # written last: its presence means both files are complete
-        logger.info("corpus %s: scores found in the cache at %s", proxy.corpus, out)
-        return ref
-    t0 = time.perf_counter()
-    trace_rows = read_traces(traces.uri)
-    with tempfile.TemporaryDirectory(prefix="rbridge-model-") as tmp:
-        model_dir = download_dir(proxy.uri, tmp) if is_url(proxy.uri) else proxy.uri
-        with _MODEL_WORK:
-            result = score_model_dir(
-                model_dir, trace_rows, scoring_for_attempt(scoring, attempt), corpus=proxy.corpus
-            )
-    item_scores = _with_checkpoint(result.item_scores, proxy.uri)
-    scores = _with_checkpoint(result.scores, proxy.uri)
-    write_bytes_atomic(ref.item_scores_uri, _parquet(item_scores))
-    write_bytes_atomic(ref.scores_uri, _parquet(scores))
-    return ref.model_copy(update={"seconds": time.perf_counter() - t0})
 
 
-def _with_checkpoint(table: pa.Table, checkpoint: str) -> pa.Table:
-    """Name the checkpoint by its URI (where it lives), not a temporary folder it was read from."""
-    column = pa.array([checkpoint] * table.num_rows, pa.string())
-    return table.set_column(table.schema.get_field_index("checkpoint"), "checkpoint", column)
+def _labelled(table: pa.Table, *, corpus: str, checkpoint: str) -> pa.Table:
+    """``table`` with every row's ``corpus`` and ``checkpoint`` set: cached scores carry
+    neither, a run's outputs its own corpus names and checkpoint URIs."""
+    for column, value in (("corpus", corpus), ("checkpoint", checkpoint)):
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, pa.array([value] * table.num_rows, pa.string()))
+    return table
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -407,16 +576,33 @@ def read_parquet(uri: str) -> pa.Table:
 
 
 def collect_scores(results: Sequence[CorpusResult]) -> tuple[pa.Table, pa.Table]:
-    """(item_scores, scores) of every scored checkpoint, concatenated in corpus order."""
+    """(item_scores, scores) of every scored checkpoint, concatenated in corpus order, each
+    labelled with its corpus's name and checkpoint in this run (the cached files carry none)."""
     from rbridge_core.schemas import ITEM_SCORES, SCORES
 
-    refs = [s for r in results for s in r.scores]
-    items = [read_parquet(s.item_scores_uri).cast(ITEM_SCORES) for s in refs]
-    scores = [read_parquet(s.scores_uri).cast(SCORES) for s in refs]
+    items, scores = [], []
+    for ref in (s for r in results for s in r.scores):
+        label = {"corpus": ref.corpus, "checkpoint": ref.checkpoint}
+        item_table = _read_scores(ref.item_scores_uri, ref.item_scores_sha256)
+        items.append(_labelled(item_table, **label).cast(ITEM_SCORES))
+        scores.append(
+            _labelled(_read_scores(ref.scores_uri, ref.scores_sha256), **label).cast(SCORES)
+        )
     return (
         pa.concat_tables(items) if items else ITEM_SCORES.empty_table(),
         pa.concat_tables(scores) if scores else SCORES.empty_table(),
     )
+
+
+def _read_scores(uri: str, sha256: str | None) -> pa.Table:
+    """A scores Parquet file, checked against the sha256 it was written with."""
+    payload = read_bytes(uri)
+    if sha256 is not None and _sha256(payload) != sha256:
+        raise RbridgeError(
+            f"{uri} changed after it was scored (sha256 {_sha256(payload)[:16]}, expected "
+            f"{sha256[:16]}); run the ranking again to rescore it"
+        )
+    return pq.read_table(pa.BufferReader(payload))
 
 
 def package_versions() -> dict[str, str]:
@@ -502,6 +688,8 @@ def write_run(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": redact_secrets(config.model_dump(mode="json")),
         "versions": package_versions(),
+        # what the cache keys hold instead of the source: see TRAINING_RECIPE
+        "recipes": {"training": TRAINING_RECIPE, "scoring": SCORING_RECIPE},
         "git_revision": revision or git_revision(),
         "traces": traces.model_dump(mode="json"),
         "corpora": {

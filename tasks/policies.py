@@ -2,12 +2,18 @@
 
 import functools
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import fsspec
 from prefect import Task
+from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.settings import PREFECT_API_URL
 
+from rbridge_core import pipeline
 from rbridge_core.config import ExecutionConfig
 from rbridge_core.errors import is_transient
 from rbridge_core.storage import is_url, join
@@ -30,10 +36,12 @@ def result_storage(cache_dir: str) -> WritableFileSystem:
     Prefect wants result storage saved server-side: the block is saved once per server and
     cache location, under a name derived from the location.
     """
+    return _saved_storage(_results_base(cache_dir), str(PREFECT_API_URL.value()))
+
+
+def _results_base(cache_dir: str) -> str:
     base = join(cache_dir, "prefect-results")
-    if not is_url(base):
-        base = str(Path(base).resolve())
-    return _saved_storage(base, str(PREFECT_API_URL.value()))
+    return base if is_url(base) else str(Path(base).resolve())
 
 
 @functools.lru_cache(maxsize=64)
@@ -51,3 +59,29 @@ def configured(task: Task, cache_dir: str, execution: ExecutionConfig) -> Task:
         retries=execution.retries,
         retry_delay_seconds=execution.retry_delay_seconds,
     )
+
+
+@dataclass
+class VerifiedCache(CachePolicy):
+    """Prefect's cache for a step whose output is a cache entry (``pipeline.lookup``): the
+    record of the step's key is a hit only while the entry it stands for is present, complete
+    and intact. Otherwise the record is dropped before Prefect looks it up, so the step runs
+    again and the pipeline recomputes the entry (naming what was damaged).
+
+    The records hold entries (relative paths, no corpus names), so a cache moved or copied
+    elsewhere serves hits from the copy. ``key_of`` maps the task's inputs to the step's key;
+    the inputs include ``cache_dir``.
+    """
+
+    step: str = ""
+    key_of: Callable[[dict[str, Any]], str] | None = None
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        key = self.key_of(inputs)
+        record = f"rbridge-{self.step}-{key}"
+        entry, _ = pipeline.lookup(inputs["cache_dir"], self.step, key)
+        if entry is None:
+            fs, path = fsspec.core.url_to_fs(join(_results_base(inputs["cache_dir"]), record))
+            if fs.exists(path):
+                fs.rm_file(path)
+        return record

@@ -1,4 +1,4 @@
-"""Fingerprint a corpus and train its proxy (cached on the content key)."""
+"""Fingerprint a corpus and train its proxy (cached on the content key, hits verified)."""
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -6,7 +6,8 @@ from prefect.runtime import task_run
 
 from rbridge_core import pipeline
 from rbridge_core.config import CorpusConfig, ProxyConfig
-from tasks.policies import retry_transient
+from rbridge_core.storage import join
+from tasks.policies import VerifiedCache, retry_transient
 
 
 @task(
@@ -19,13 +20,9 @@ def corpus_key(corpus: CorpusConfig, proxy: ProxyConfig, strong: bool = False) -
     return pipeline.proxy_key(corpus, proxy, strong=strong)
 
 
-def _train_cache_key(context, parameters) -> str:
-    return f"rbridge-train-{parameters['key']}"
-
-
 @task(
     name="train-proxy",
-    cache_key_fn=_train_cache_key,
+    cache_policy=VerifiedCache(step=pipeline.PROXY, key_of=lambda inputs: inputs["key"]),
     persist_result=True,
     result_serializer="json",
     retry_condition_fn=retry_transient,
@@ -33,15 +30,15 @@ def _train_cache_key(context, parameters) -> str:
 )
 def train_proxy(
     corpus: CorpusConfig, proxy: ProxyConfig, cache_dir: str, key: str
-) -> pipeline.ProxyRef:
+) -> pipeline.ProxyEntry:
     # a retry (say after CUDA out of memory) trains with half the micro-batch, same tokens/step
-    ref = pipeline.train_corpus(corpus, proxy, cache_dir, key, attempt=task_run.run_count)
-    verb = "trained" if ref.trained else "reused"
+    entry = pipeline.train_corpus(corpus, proxy, cache_dir, key, attempt=task_run.run_count)
+    verb = "trained" if entry.computed else "reused"
     get_run_logger().info(
         "%s the %s proxy of %s (%s tokens): %s", verb, proxy.preset, corpus.name,
-        ref.train_tokens, ref.uri,
+        entry.train_tokens, join(cache_dir, entry.path),
     )  # fmt: skip
-    return ref
+    return entry
 
 
 @task(

@@ -1,5 +1,6 @@
-"""The pipeline's pure parts: cache keys, the transient-error test, the retry batch budget, trace
-staging, run folder names and the printed ranking. Hermetic: trains and scores nothing."""
+"""The pipeline's pure parts: cache keys and entries, the transient-error test, the retry batch
+budget, trace staging, run folder names and the printed ranking. Hermetic: trains and scores
+nothing."""
 
 import errno
 import json
@@ -186,30 +187,48 @@ def _traces_ref(key: str = "t" * 64) -> pipeline.TracesRef:
 def test_score_key_is_stable_and_depends_on_every_input():
     scoring = ScoringConfig(device="cpu")
     proxy, traces = _proxy_ref(), _traces_ref()
-    base = pipeline.score_key("wiki", proxy, traces, scoring)
-    assert pipeline.score_key("wiki", _proxy_ref(), _traces_ref(), ScoringConfig(device="cpu")) == (
-        base
-    )
+    base = pipeline.score_key(proxy, traces, scoring)
+    assert pipeline.score_key(_proxy_ref(), _traces_ref(), ScoringConfig(device="cpu")) == base
     variants = [
-        ("web", proxy, traces, scoring),
-        ("wiki", _proxy_ref(key="q" * 64), traces, scoring),
-        ("wiki", proxy, _traces_ref(key="u" * 64), scoring),
-        ("wiki", proxy, traces, scoring.model_copy(update={"seed": 1})),
-        ("wiki", proxy, traces, scoring.model_copy(update={"minmax_scope": "benchmark"})),
-        ("wiki", proxy, traces, scoring.model_copy(update={"stats_last_n_tokens": 50})),
+        (_proxy_ref(key="q" * 64), traces, scoring),
+        (proxy, _traces_ref(key="u" * 64), scoring),
+        (proxy, traces, scoring.model_copy(update={"seed": 1})),
+        (proxy, traces, scoring.model_copy(update={"minmax_scope": "benchmark"})),
+        (proxy, traces, scoring.model_copy(update={"stats_last_n_tokens": 50})),
     ]
     keys = [pipeline.score_key(*args) for args in variants]
     assert base not in keys
     assert len(set(keys)) == len(keys)
 
 
-def test_score_key_ignores_where_the_proxy_and_traces_live():
-    """Keys hash the proxy and traces keys (their content), not their URIs."""
+def test_score_key_ignores_the_corpus_name_and_where_the_files_live():
+    """Keys hash the proxy and traces keys (their content), not names or URIs: a renamed
+    corpus, or the same files under two names, reuse one set of scores."""
     scoring = ScoringConfig()
-    base = pipeline.score_key("wiki", _proxy_ref(), _traces_ref(), scoring)
+    base = pipeline.score_key(_proxy_ref(), _traces_ref(), scoring)
+    renamed = _proxy_ref(corpus="encyclopedia")
     moved_proxy = _proxy_ref().model_copy(update={"uri": "s3://b/final", "seconds": 9.0})
     moved_traces = _traces_ref().model_copy(update={"uri": "s3://b/t.parquet"})
-    assert pipeline.score_key("wiki", moved_proxy, moved_traces, scoring) == base
+    assert pipeline.score_key(renamed, _traces_ref(), scoring) == base
+    assert pipeline.score_key(moved_proxy, moved_traces, scoring) == base
+
+
+def test_proxy_key_ignores_the_corpus_name(corpus_file):
+    renamed = _corpus(corpus_file, name="encyclopedia")
+    assert pipeline.proxy_key(renamed, _proxy()) == pipeline.proxy_key(
+        _corpus(corpus_file), _proxy()
+    )
+
+
+def test_keys_change_with_the_recipe_versions(corpus_file, monkeypatch):
+    """The recipe versions stand for the code that computes the numbers (not its source)."""
+    proxy_key = pipeline.proxy_key(_corpus(corpus_file), _proxy())
+    score_key = pipeline.score_key(_proxy_ref(), _traces_ref(), ScoringConfig())
+    monkeypatch.setattr(pipeline, "TRAINING_RECIPE", pipeline.TRAINING_RECIPE + "-next")
+    assert pipeline.proxy_key(_corpus(corpus_file), _proxy()) != proxy_key
+    assert pipeline.score_key(_proxy_ref(), _traces_ref(), ScoringConfig()) == score_key
+    monkeypatch.setattr(pipeline, "SCORING_RECIPE", pipeline.SCORING_RECIPE + "-next")
+    assert pipeline.score_key(_proxy_ref(), _traces_ref(), ScoringConfig()) != score_key
 
 
 def test_keys_ignore_settings_that_do_not_change_results(corpus_file):
@@ -220,7 +239,7 @@ def test_keys_ignore_settings_that_do_not_change_results(corpus_file):
 
     scoring = ScoringConfig()
     faster = ScoringConfig(batch_max_tokens=512, head_chunk_rows=16, compile_statistics="off")
-    args = ("wiki", _proxy_ref(), _traces_ref())
+    args = (_proxy_ref(), _traces_ref())
     assert pipeline.score_key(*args, faster) == pipeline.score_key(*args, scoring)
 
 
@@ -575,3 +594,96 @@ def test_training_for_attempt_halves_the_micro_batch_keeping_tokens_per_step():
     assert third.tokens_per_step() == proxy.training.tokens_per_step()
     odd = _proxy(training=_training(batch_size=3))
     assert pipeline.training_for_attempt(odd, 2) is odd  # cannot halve 3 rows evenly
+
+
+# --- cache entries ---------------------------------------------------------------------------
+
+
+def _scores_entry(cache: Path, key: str = "k" * 64) -> pipeline.ScoresEntry:
+    """A scores entry with two small files, written as the pipeline writes one."""
+    folder = cache / pipeline.entry_path(pipeline.SCORES, key)
+    folder.mkdir(parents=True)
+    files = {}
+    for name, payload in (("item_scores.parquet", b"items" * 50), ("scores.parquet", b"s" * 70)):
+        (folder / name).write_bytes(payload)
+        digest = pipeline.hashlib.sha256(payload).hexdigest()
+        files[name] = pipeline.FileStamp(size=len(payload), sha256=digest)
+    entry = pipeline.ScoresEntry(
+        key=key, recipe="r", path=pipeline.entry_path(pipeline.SCORES, key), files=files
+    )
+    pipeline._write_entry(str(folder), entry)
+    return entry
+
+
+def test_lookup_finds_an_intact_entry(tmp_path):
+    entry = _scores_entry(tmp_path)
+    assert pipeline.lookup(str(tmp_path), pipeline.SCORES, entry.key) == (entry, None)
+    assert pipeline.lookup(str(tmp_path), pipeline.SCORES, "m" * 64) == (None, None)
+    # a cache moved elsewhere: the entry's paths are relative to the cache root
+    shutil.move(tmp_path / "scores", tmp_path / "moved" / "scores")
+    assert pipeline.lookup(str(tmp_path / "moved"), pipeline.SCORES, entry.key)[0] == entry
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "altered", "entry", "other key"])
+def test_lookup_names_what_is_damaged(tmp_path, damage):
+    entry = _scores_entry(tmp_path)
+    folder = tmp_path / entry.path
+    item_scores = folder / "item_scores.parquet"
+    marker = folder / pipeline.ENTRY_NAME
+    if damage == "deleted":
+        item_scores.unlink()
+        expected = f"{item_scores} is missing"
+    elif damage == "truncated":
+        item_scores.write_bytes(item_scores.read_bytes()[:100])
+        expected = f"{item_scores} has 100 bytes, expected 250"
+    elif damage == "altered":
+        item_scores.write_bytes(b"x" + item_scores.read_bytes()[1:])
+        expected = f"{item_scores} does not have the content it was written with"
+    elif damage == "entry":
+        marker.write_text('{"key": ')
+        expected = f"{marker} is not a cache entry"
+    else:
+        marker.write_text(entry.model_copy(update={"key": "o" * 64}).model_dump_json())
+        expected = f"{marker} is the entry of key oooo"
+    found, problem = pipeline.lookup(str(tmp_path), pipeline.SCORES, entry.key)
+    assert found is None
+    assert problem.startswith(expected), problem
+
+
+def test_refs_resolve_entries_against_this_runs_cache_and_names(tmp_path):
+    proxy_entry = pipeline.ProxyEntry(
+        key="p" * 64, recipe="1", path=pipeline.entry_path(pipeline.PROXY, "p" * 64), files={},
+        train_tokens=10, computed=True, seconds=2.0,
+    )  # fmt: skip
+    proxy = pipeline.proxy_ref("encyclopedia", proxy_entry, "s3://bucket/cache")
+    assert proxy.uri == f"s3://bucket/cache/proxies/{'p' * 32}/final"
+    assert (proxy.corpus, proxy.trained, proxy.train_tokens, proxy.seconds) == (
+        "encyclopedia", True, 10, 2.0,
+    )  # fmt: skip
+    scores = pipeline.score_ref(proxy, _scores_entry(tmp_path), str(tmp_path))
+    assert scores.corpus == "encyclopedia" and scores.checkpoint == proxy.uri
+    assert scores.scores_uri == str(tmp_path / "scores" / ("k" * 32) / "scores.parquet")
+
+
+def test_collect_scores_labels_rows_with_this_runs_names_and_checks_hashes(tmp_path):
+    from rbridge_core.storage import read_bytes
+
+    cached = _score_files(tmp_path, "", "1111111111111111", 0.0, 1)  # as cached: no name
+    digests = {
+        "item_scores_sha256": pipeline._sha256(read_bytes(cached.item_scores_uri)),
+        "scores_sha256": pipeline._sha256(read_bytes(cached.scores_uri)),
+    }
+    refs = [
+        cached.model_copy(update={"corpus": name, "checkpoint": f"/cache/{name}", **digests})
+        for name in ("wiki", "encyclopedia")
+    ]
+    results = [pipeline.CorpusResult(corpus=r.corpus, proxies=[], scores=[r]) for r in refs]
+    items, scores = pipeline.collect_scores(results)
+    for table in (items, scores):
+        frame = pl.from_arrow(table)
+        assert frame["corpus"].unique(maintain_order=True).to_list() == ["wiki", "encyclopedia"]
+        assert set(frame["checkpoint"]) == {"/cache/wiki", "/cache/encyclopedia"}
+
+    Path(cached.scores_uri).write_bytes(Path(cached.scores_uri).read_bytes() + b"\0")
+    with pytest.raises(RbridgeError, match=f"{cached.scores_uri} changed after it was scored"):
+        pipeline.collect_scores(results)
