@@ -137,9 +137,13 @@ def run_baseline(config) -> dict:
     results, per_corpus = [], {}
     for corpus in config.corpora:
         key = pipeline.proxy_key(corpus, config.proxy)
-        proxy = pipeline.train_corpus(corpus, config.proxy, cache, key)
-        skey = pipeline.score_key(corpus.name, proxy, traces, config.scoring)
-        score = pipeline.score_proxy(proxy, traces, config.scoring, cache, skey)
+        proxy = pipeline.proxy_ref(
+            corpus.name, pipeline.train_corpus(corpus, config.proxy, cache, key), cache
+        )
+        skey = pipeline.score_key(proxy, traces, config.scoring)
+        score = pipeline.score_ref(
+            proxy, pipeline.score_proxy(proxy, traces, config.scoring, cache, skey), cache
+        )
         results.append(pipeline.CorpusResult(corpus=corpus.name, proxies=[proxy], scores=[score]))
         per_corpus[corpus.name] = {"train_s": proxy.seconds, "score_s": score.seconds}
     t_write = time.perf_counter()

@@ -335,7 +335,7 @@ def test_manifest_records_versions_revision_keys_states_timings_and_failures(
     assert proxy["key"] == pipeline.proxy_key(cfg.corpora[0], cfg.proxy)
     ref = pipeline.ProxyRef.model_validate(proxy)
     traces_ref = pipeline.TracesRef.model_validate(traces)
-    assert score["key"] == pipeline.score_key("math", ref, traces_ref, cfg.scoring)
+    assert score["key"] == pipeline.score_key(ref, traces_ref, cfg.scoring)
     assert score["checkpoint"] == proxy["uri"]
     # per-step states (Cached where an earlier test of the module computed it) and seconds
     assert set(math["states"]) == {"train", f"score:{proxy['uri']}"}
