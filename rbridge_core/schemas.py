@@ -115,7 +115,8 @@ FIT = pa.schema(
     [
         pa.field("benchmark", pa.string(), nullable=False),
         pa.field("metric", pa.string(), nullable=False),
-        pa.field("form", pa.string(), nullable=False),  # linear, quadratic, exponential, logarithmic
+        # linear, quadratic, exponential or logarithmic
+        pa.field("form", pa.string(), nullable=False),
         pa.field("train_r2", pa.float64()),
         pa.field("test_mae", pa.float64()),
         pa.field("parameters", pa.list_(pa.float64())),  # of the fit on all points
