@@ -192,7 +192,10 @@ def test_ui_form_shows_the_corpora_list_and_the_preset_dropdown(deployed, prefec
     # the corpora list (one entry per demo corpus) and the preset as a <select> of the ladder
     assert re.search(r'schema-form-property__label">Corpora', dom), dom[-2000:]
     # (input values are properties, not in the DOM: count the entries by their name field)
-    assert dom.count("Short unique name (letters, digits, . _ -).") == 5  # the demo's corpora
+    from rbridge_core.config import CorpusConfig
+
+    name_help = CorpusConfig.model_fields["name"].description
+    assert dom.count(name_help) == 5  # the demo's corpora
     preset = dom[dom.index('schema-form-property__label">Preset') :]
     select = preset[preset.index("<select") : preset.index("</select>")]
     options = re.findall(r'value="([^"]+)">', select)
