@@ -244,6 +244,15 @@ def test_demo_ranks_math_above_fiction_on_gsm8k(tmp_path, prefect_server):
                 .iter_rows()
             )
             assert ranks["math"] < ranks["fiction"], (benchmark, metric, ranks)
+    # The GSM8K traces carry the reference model's backfilled confidences, so rBridge weights
+    # them; CommonsenseQA has none, so its weights are all 1.
+    scores = pl.read_parquet(Path(manifest["run"]) / "scores.parquet")
+    nll = scores.filter(pl.col("metric").is_in(["rbridge_nll", "trace_nll"])).pivot(
+        on="metric", index=["benchmark", "corpus"], values="value"
+    )
+    for row in nll.iter_rows(named=True):
+        weighted = row["benchmark"] in ("gsm8k", "gsm8k_gpt4o_mini")
+        assert (abs(row["rbridge_nll"] - row["trace_nll"]) > 0.1) == weighted, row
 
 
 def test_cluster_mode_runs_one_child_flow_run_per_corpus(tmp_path, prefect_server):
