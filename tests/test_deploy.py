@@ -34,6 +34,7 @@ def _resolved(config: dict) -> RankConfig:
     for corpus in data["corpora"]:
         corpus["paths"] = [str(ROOT / p) for p in corpus["paths"]]
     data["proxy"]["tokenizer"] = str(ROOT / data["proxy"]["tokenizer"])
+    data["traces"]["files"] = [str(ROOT / p) for p in data["traces"].get("files", [])]
     return RankConfig.model_validate(data)
 
 

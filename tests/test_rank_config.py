@@ -56,7 +56,9 @@ def test_demo_config_loads_with_paths_resolved_against_its_folder():
         assert Path(path).is_absolute() and Path(path).is_file(), path
     assert Path(cfg.proxy.tokenizer) == (EXAMPLES / "tokenizers/tok512/tok512.model").resolve()
     assert cfg.proxy.training.train_tokens == 327_680
-    assert cfg.traces.benchmarks == ["gsm8k", "gsm8k_gpt4o_mini", "commonsenseqa_gpt4o_mini"]
+    assert cfg.traces.benchmarks == ["commonsenseqa_gpt4o_mini"]
+    backfilled = EXAMPLES / "traces/reference-backfill/gsm8k_reference_backfill.parquet"
+    assert [Path(f) for f in cfg.traces.files] == [backfilled.resolve()]
     assert cfg.output == "out/demo"  # outputs stay relative to the working directory
     assert cfg.cache_dir == "out/demo/_cache"
     assert cfg.headline_metrics == list(HEADLINE_METRICS)
