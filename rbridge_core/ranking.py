@@ -396,6 +396,19 @@ def resample_counts(n_items: int, n_resamples: int, rng: np.random.Generator) ->
     return counts.reshape(n_resamples, n_items).astype(np.float64)
 
 
+def resampled_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each column's mean under each resample: ``values`` [n_items, n_columns], ``counts``
+    [B, n_items] (how often each item is drawn) -> [B, n_columns]. NaN values are left out of
+    their column's mean; a resample drawing none of a column's finite items gives NaN."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return counts @ values / values.shape[0]
+    totals = counts @ np.where(finite, values, 0.0)
+    drawn = counts @ finite.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, totals / drawn, np.nan)
+
+
 def benchmark_rng(seed: int, benchmark: str) -> np.random.Generator:
     """The bootstrap generator of one benchmark: every corpus and metric share its resamples."""
     return np.random.default_rng([seed, zlib.crc32(benchmark.encode())])
@@ -555,14 +568,7 @@ def _resampled_means(
     values = np.full((n_items, n_columns), np.nan)  # [n_items, n_metrics * n_corpora]
     values[i, j] = items.value[rows[keep]]
     counts = resample_counts(n_items, n_resamples, benchmark_rng(seed, benchmark))  # [B, n]
-    finite = np.isfinite(values)
-    if finite.all():
-        means = counts @ values / n_items  # [B, n_metrics * n_corpora]
-    else:
-        totals = counts @ np.where(finite, values, 0.0)
-        drawn = counts @ finite.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(drawn > 0, totals / drawn, np.nan)
+    means = resampled_means(values, counts)  # [B, n_metrics * n_corpora]
     return means.reshape(n_resamples, len(metrics), len(corpora))
 
 

@@ -43,6 +43,7 @@ from rbridge_core.ranking import (
     MixedTokenizers,
     benchmark_rng,
     resample_counts,
+    resampled_means,
     select_checkpoints,
     standardised_mean,
 )
@@ -309,14 +310,7 @@ def _resampled_means(
     values = np.full((n_items, n_columns), np.nan)  # [n_items, n_metrics * n_corpora]
     values[i, j] = items.value[rows[keep]]
     counts = resample_counts(n_items, n_resamples, benchmark_rng(seed, benchmark))  # [B, n]
-    finite = np.isfinite(values)
-    if finite.all():
-        means = counts @ values / n_items  # [B, n_metrics * n_corpora]
-    else:
-        totals = counts @ np.where(finite, values, 0.0)
-        drawn = counts @ finite.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(drawn > 0, totals / drawn, np.nan)
+    means = resampled_means(values, counts)  # [B, n_metrics * n_corpora]
     signs = np.array([1.0 if higher_is_better(m) else -1.0 for m in metrics])
     oriented = means.reshape(n_resamples, len(metrics), len(corpora)) * signs[:, None]
     return oriented, metrics, corpora
