@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rbridge_core.metrics import METRICS
+from rbridge_core.metrics import CHOICE_METRICS, METRICS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "bench"
@@ -98,8 +98,9 @@ def test_dry_run_reports_every_figure(dry_run):
     assert engine["path"] == "score_traces"  # the real engine, nothing stubbed, polars blocked
     assert engine["benchmarks"] == ["gsm8k", "gsm8k_gpt4o_mini"]  # the per-benchmark table
     assert engine["benchmark_rows"] == len(engine["benchmarks"]) * len(engine["metrics"])
-    # Every metric: the span metrics need traces with spans, which the GSM8K slices have not.
-    assert set(METRICS) - set(engine["metrics"]) == {"span_bpb", "span_nll"}
+    # Every trace metric: the span metrics need traces with spans and the multiple-choice
+    # baselines traces with choices, which the GSM8K slices have not.
+    assert set(METRICS) - set(engine["metrics"]) == {"span_bpb", "span_nll"} | set(CHOICE_METRICS)
     assert [p["model"] for p in data["parity"]] == ["tiny (random init)", "tiny-math (trained)"]
     for parity in data["parity"]:
         assert parity["tokens"] > 0
