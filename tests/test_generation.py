@@ -131,6 +131,52 @@ def test_config_rejects_options_of_another_backend() -> None:
     )
 
 
+def test_config_refuses_credentials_in_urls() -> None:
+    """The config is stored (traces metadata, Prefect's database): user:password@ in base_url
+    is refused with the check rbridge_core.config applies to every location, shown redacted."""
+    with pytest.raises(ValueError, match="carries credentials") as refused:
+        GenerationConfig(
+            backend="openai", model="m", benchmarks="gsm8k",
+            base_url="https://user:hunter2@llm.example.com/v1",
+        )  # fmt: skip
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("base_url",) and "hunter2" not in error["msg"]
+    with pytest.raises(ValueError, match="carries credentials"):
+        GenerationConfig(
+            backend="transformers", model="m", benchmarks="gsm8k",
+            data_dir="s3://AKIA:SECRET@bucket/data",
+        )  # fmt: skip
+    plain = GenerationConfig(
+        backend="openai", model="m", benchmarks="gsm8k", base_url="http://127.0.0.1:8000/v1"
+    )
+    assert plain.base_url == "http://127.0.0.1:8000/v1"
+
+
+def test_cli_prints_names_and_paths_literally(tmp_path, monkeypatch) -> None:
+    """Paths, benchmark names and model names are user text: rich markup in them ("[red]",
+    "[/]") prints as written, neither styled nor an error."""
+    from typer.testing import CliRunner
+
+    from rbridge_core.cli import app
+    from rbridge_core.generation import runner
+    from rbridge_core.generation.runner import BenchmarkCounts, GenerationReport
+
+    def fake(config, out, progress=None, **kwargs):
+        counts = BenchmarkCounts(items=2, kept=1, dropped=1)
+        return GenerationReport(out=str(out), benchmarks={"[bold]gsm8k[/]": counts})
+
+    monkeypatch.setattr(runner, "generate_traces", fake)
+    out = tmp_path / "[red]frontier[/]" / "traces[/].jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["traces", "generate", "--backend", "openai", "--model", "[blue]m", "--benchmarks",
+         "gsm8k", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 traces to {out}" in result.output
+    assert "[bold]gsm8k[/]: 1 of 2 kept, 1 dropped" in result.output
+
+
 TEXTS = ['Step 1: {"x": 2}\n', "caf\u00e9 na\u00efve \u4e2d\u6587 \U0001f600!", "  two  spaces\t"]
 
 

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from rbridge_core.errors import ConfigError, RbridgeError
+from rbridge_core.redact import redact_text
 
 console = Console(stderr=True)
 logger = logging.getLogger(__name__)
@@ -104,17 +105,22 @@ def traces_generate(
         try:
             report = generate_traces(config, out, progress=update, api_key=api_key)
         except KeyboardInterrupt:
-            console.print(
+            _say(
                 f"interrupted: finished replies are kept in {cache}; run the same command "
-                "again to resume",
-                highlight=False,
-                soft_wrap=True,
+                "again to resume"
             )
             raise typer.Exit(130) from None
     for line in report.summary_lines():
-        console.print(line, highlight=False, soft_wrap=True)
+        _say(line)
     kept = sum(c.kept for c in report.benchmarks.values())
-    console.print(f"wrote {kept} traces to {out}", highlight=False, soft_wrap=True)
+    _say(f"wrote {kept} traces to {out}")
+
+
+def _say(message: str) -> None:
+    """One line on stderr, shown as it is: benchmark names, paths and URLs in it are never read
+    as rich markup (a path holding "[red]" or "[/]" prints literally), and credentials in a URL
+    in it are redacted."""
+    console.print(redact_text(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def _secret_block(name: str) -> str:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rbridge_core.config import _no_credentials
 from rbridge_core.generation.json_frame import MIN_NEW_TOKENS
 from rbridge_core.generation.prompts import DEFAULT_TEMPLATE
 
@@ -72,6 +73,9 @@ class GenerationConfig(BaseModel):
     shard_items: int = Field(
         64, ge=1, description="Items per shard: the most work an interruption can lose."
     )
+
+    # the config is stored with the traces' metadata and by Prefect: no user:password@ in it
+    _urls = field_validator("base_url", "data_dir", "cache_dir")(_no_credentials)
 
     @field_validator("benchmarks", mode="before")
     @classmethod
