@@ -70,7 +70,14 @@ import scipy.stats
 
 from rbridge_core.errors import RbridgeError
 from rbridge_core.ranking import select_checkpoints
-from rbridge_core.schemas import FIT, TARGETS_REQUIRED
+from rbridge_core.schemas import (
+    FIT,
+    POINTS,
+    PREDICTIONS,
+    TARGETS_REQUIRED,
+    TRANSFER,
+    TRANSFER_PAIRS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,65 +95,6 @@ R2_TIE = 1e-12
 # Exponential rates tried before refinement, in units of 1 / spread of x.
 _EXP_GRID = np.concatenate([-np.geomspace(12.0, 0.05, 24), np.geomspace(0.05, 12.0, 24)])
 _EXP_MAX_RATE = 50.0
-
-# One point: a proxy metric value and the target at the same (corpus, benchmark, checkpoint).
-POINTS = pa.schema(
-    [
-        pa.field("corpus", pa.string(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("checkpoint", pa.string(), nullable=False),
-        pa.field("train_tokens", pa.int64()),
-        pa.field("value", pa.float64(), nullable=False),  # the proxy metric
-        pa.field("target", pa.float64(), nullable=False),
-        pa.field("higher_is_better", pa.bool_(), nullable=False),  # the target's direction
-        pa.field("final", pa.bool_(), nullable=False),  # the corpus's last checkpoint
-    ]
-)
-
-# A corpus's predicted target from a fit row, with its prediction interval (for the ranking and
-# report beside each rank; a candidate for schemas.py).
-PREDICTIONS = pa.schema(
-    [
-        pa.field("corpus", pa.string(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("checkpoint", pa.string(), nullable=False),
-        pa.field("value", pa.float64()),  # the proxy value the prediction is made at
-        pa.field("predicted_target", pa.float64()),
-        pa.field("pi_low", pa.float64()),
-        pa.field("pi_high", pa.float64()),
-    ]
-)
-
-TRANSFER = pa.schema(
-    [
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("form", pa.string(), nullable=False),
-        pa.field("parameters", pa.list_(pa.float64())),
-        pa.field("train_r2", pa.float64()),
-        pa.field("mae", pa.float64()),  # over every point of the held-out corpora
-        pa.field("n_train_points", pa.int64(), nullable=False),
-        pa.field("n_heldout_points", pa.int64(), nullable=False),
-        pa.field("n_pairs", pa.int64(), nullable=False),  # pairs whose targets differ
-        pa.field("pairs_right", pa.int64(), nullable=False),
-    ]
-)
-
-TRANSFER_PAIRS = pa.schema(
-    [
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("corpus_a", pa.string(), nullable=False),
-        pa.field("corpus_b", pa.string(), nullable=False),
-        pa.field("compared_a", pa.float64()),  # predicted if held out, else actual target
-        pa.field("compared_b", pa.float64()),
-        pa.field("target_a", pa.float64()),
-        pa.field("target_b", pa.float64()),
-        pa.field("right", pa.bool_(), nullable=False),
-    ]
-)
 
 
 class FitError(RbridgeError, ValueError):

@@ -34,42 +34,12 @@ import pyarrow as pa
 import scipy.optimize
 
 from rbridge_core.errors import RbridgeError
+from rbridge_core.schemas import FORECAST, FORECAST_POINTS
 
 MIN_FIT_POINTS = 3
 MAX_EXPONENT = 10.0
 _C_GRID = np.geomspace(0.01, MAX_EXPONENT, 40)
 TARGET_METRIC = "target"  # the ``metric`` of a series read from a targets table
-
-# One row per forecast series (corpus, benchmark, metric).
-FORECAST = pa.schema(
-    [
-        pa.field("corpus", pa.string(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),  # "target" for a targets series
-        pa.field("time_axis", pa.string(), nullable=False),  # step or train_tokens
-        pa.field("a", pa.float64()),
-        pa.field("b", pa.float64()),
-        pa.field("c", pa.float64()),
-        pa.field("cutoff_step", pa.int64(), nullable=False),  # on the time axis
-        pa.field("n_fit", pa.int64(), nullable=False),
-        pa.field("n_heldout", pa.int64(), nullable=False),
-        pa.field("rmse", pa.float64()),  # at the held-out (later) steps; null without any
-        pa.field("mae", pa.float64()),
-        pa.field("last_step", pa.int64(), nullable=False),  # the latest step observed
-    ]
-)
-# Every observed step and every requested later step, with the forecast.
-FORECAST_POINTS = pa.schema(
-    [
-        pa.field("corpus", pa.string(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("observed", pa.float64()),  # null at a requested step not observed
-        pa.field("predicted", pa.float64()),
-        pa.field("in_fit", pa.bool_(), nullable=False),
-    ]
-)
 
 
 class ForecastError(RbridgeError, ValueError):

@@ -41,30 +41,12 @@ import pyarrow as pa
 from rbridge_core.errors import RbridgeError
 from rbridge_core.metrics import higher_is_better
 from rbridge_core.ranking import decision_accuracy, spearman_rho
+from rbridge_core.schemas import RANKSVM, RANKSVM_WEIGHTS
 
 Group = Literal["corpus", "benchmark"]
 RANKSVM_METHOD = "ranksvm"
 BEST_SINGLE = "best_single_metric"
 DEFAULT_MAX_SPLITS = 200
-
-RANKSVM = pa.schema(
-    [
-        pa.field("method", pa.string(), nullable=False),  # ranksvm, best_single_metric
-        # ranksvm: "ranksvm"; best_single_metric: the metric chosen in most splits
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("spearman_rho", pa.float64()),
-        pa.field("decision_accuracy", pa.float64()),
-        pa.field("group", pa.string(), nullable=False),  # corpus or benchmark
-        pa.field("k", pa.int64(), nullable=False),  # groups left out per split
-        pa.field("n_splits", pa.int64(), nullable=False),
-    ]
-)
-RANKSVM_WEIGHTS = pa.schema(
-    [
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("weight", pa.float64(), nullable=False),  # on the oriented, standardised metric
-    ]
-)
 
 
 class RankSVMError(RbridgeError, ValueError):
@@ -84,7 +66,7 @@ class RankData:
 
 
 def rank_data(points: pa.Table | pl.DataFrame, metrics: Sequence[str] | None = None) -> RankData:
-    """Features and targets from the final points of ``points`` (schema ``fit.POINTS``).
+    """Features and targets from the final points of ``points`` (schema ``schemas.POINTS``).
 
     ``metrics`` restricts the features (default every metric present). Raises RankSVMError when
     no metric is present for every corpus with a target, or a metric's direction is unknown.
