@@ -1,6 +1,7 @@
 """Deployments: prefect.yaml deployed to a real server, a process worker, the UI's Run call, the
 nightly schedule, parameter validation, and the UI's form in a real (headless) browser."""
 
+import importlib
 import json
 import os
 import re
@@ -43,6 +44,51 @@ def test_ui_defaults_are_the_demo(name):
     config = _resolved(_deployment(name)["parameters"]["config"])
     demo = demo_config()
     assert config.model_copy(update={"name": "demo", "output": demo.output}) == demo
+
+
+def _deployment_names() -> list[str]:
+    return [d["name"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]]
+
+
+def _entrypoint_flow(entrypoint: str):
+    """The flow an entrypoint names, imported as the package module a worker's run resolves."""
+    from prefect import Flow
+
+    path, name = entrypoint.split(":")
+    assert (ROOT / path).is_file(), entrypoint
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    flow = getattr(module, name)
+    assert isinstance(flow, Flow), entrypoint
+    return flow
+
+
+@pytest.mark.parametrize("name", _deployment_names())
+def test_entrypoints_resolve_and_default_parameters_fit_the_schema(name):
+    """What the server checks under enforce_parameter_schema (the form's JSON schema), here
+    without a server; a deployment without defaults only needs its flow to exist."""
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+    from prefect.utilities.callables import parameter_schema
+
+    deployment = _deployment(name)
+    flow = _entrypoint_flow(deployment["entrypoint"])
+    assert deployment["enforce_parameter_schema"] is True
+    defaults = deployment.get("parameters", {})
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate_values_conform_to_schema(defaults, schema, ignore_required=not defaults)
+
+
+def test_generate_traces_defaults_are_a_vllm_config_on_the_gpu_pool():
+    deployment = _deployment("generate-traces")
+    assert deployment["work_pool"]["name"] == "rbridge-gpu"
+    assert deployment["pull"] == _deployment("train-and-score")["pull"]  # /opt/rbridge
+    flow = _entrypoint_flow(deployment["entrypoint"])
+    parameters = flow.validate_parameters(deployment["parameters"])  # the pydantic checks too
+    config = parameters["config"]
+    assert (config.backend, config.benchmarks, config.dtype) == ("vllm", ("gsm8k",), "bfloat16")
+    assert parameters["out"].startswith("out/traces/") and parameters["api_key_block"] is None
+    # the GPU image installs vLLM (the vllm extra) for this backend
+    dockerfile = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert "x['vllm']" in dockerfile and '-e ".[prefect,s3,vllm]"' in dockerfile
 
 
 # --- a real server, a real worker ---------------------------------------------------------------
@@ -97,6 +143,28 @@ def test_every_deployment_lands_with_its_pool_schedule_and_limits(deployed, pref
     definitions = schema["definitions"]
     assert definitions["ProxyConfig"]["properties"]["preset"]["enum"][:2] == ["tiny", "4M"]
     assert "corpora" in definitions["RankConfig"]["properties"]
+
+
+def test_generate_traces_lands_on_the_gpu_pool_with_its_form(deployed, prefect_server):
+    deployment = deployed["generate-traces"]
+    assert deployment["work_pool_name"] == "rbridge-gpu"
+    assert deployment["job_variables"]["gpu_count"] == 1
+    assert deployment["job_variables"]["image"].endswith("rbridge-gpu:test")
+    assert deployment["enforce_parameter_schema"] is True
+    assert deployment["parameters"] == _deployment("generate-traces")["parameters"]
+    schema = deployment["parameter_openapi_schema"]
+    assert list(schema["properties"]) == ["config", "out", "api_key_block"]
+    backend = schema["definitions"]["GenerationConfig"]["properties"]["backend"]
+    assert backend["enum"] == ["openai", "vllm", "transformers"]
+
+    # the UI's Run button with a bad backend: refused, naming the field
+    config = {**deployment["parameters"]["config"], "backend": "tgi"}
+    with httpx.Client(base_url=prefect_server, timeout=30) as api:
+        response = _create_flow_run(
+            api, deployment["id"], {"config": config, "out": "out/traces/x.parquet"}
+        )
+    assert response.status_code in (409, 422), response.text
+    assert "config.backend" in response.text and "'tgi'" in response.text, response.text
 
 
 def _create_flow_run(api: httpx.Client, deployment_id: str, parameters: dict) -> httpx.Response:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prefect._internal.schemas.validators import validate_values_conform_to_schema
 from prefect.server.schemas.actions import WorkPoolCreate
 from prefect.utilities.templating import find_placeholders
@@ -25,6 +26,7 @@ from pydantic import ConfigDict
 POOLS = Path(__file__).resolve().parents[1] / "deployments" / "work-pools"
 KUBERNETES = POOLS / "kubernetes-gpu.json"
 DOCKER = POOLS / "docker-gpu.json"
+PREFECT_YAML = POOLS.parent / "prefect.yaml"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # A Kubernetes resource quantity (apimachinery's resource.Quantity grammar, simplified).
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[munk])?$")
@@ -130,6 +132,34 @@ def test_added_variables_are_documented_with_valid_defaults(path):
         validate_values_conform_to_schema(
             {"gpu_count": "2"}, template["variables"], ignore_required=True
         )
+
+
+def _gpu_deployments() -> list[dict[str, Any]]:
+    deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    return [d for d in deployments if d["work_pool"]["name"] == "rbridge-gpu"]
+
+
+def test_the_gpu_deployments_are_training_and_trace_generation():
+    assert [d["name"] for d in _gpu_deployments()] == ["train-and-score", "generate-traces"]
+
+
+@pytest.mark.parametrize("deployment", _gpu_deployments(), ids=lambda d: d["name"])
+@pytest.mark.parametrize("path", [KUBERNETES, DOCKER])
+def test_gpu_deployments_job_variables_render_one_gpu(deployment, path):
+    """Each GPU deployment's job variables (prefect.yaml, the image as `prefect deploy` fills
+    it in) render through the pool's template into a job with one GPU in the GPU image."""
+    values = dict(deployment["work_pool"]["job_variables"])
+    assert values["image"] == "{{ $RBRIDGE_GPU_IMAGE }}"
+    values["image"] = "registry.example.com/rbridge-gpu:0.1.0"
+    rendered = _render(_load(path), values)
+    if path == KUBERNETES:
+        container = _pod_spec(rendered)["containers"][0]
+        assert container["image"] == values["image"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    else:
+        assert rendered["image"] == values["image"]
+        requests = rendered["container_create_kwargs"]["device_requests"]
+        assert [r["count"] for r in requests] == [1]
 
 
 # --- kubernetes -------------------------------------------------------------------------------
