@@ -155,6 +155,7 @@ def rank_corpora(config: RankConfig) -> dict:
     traces = configured(stage_traces, config.cache_dir, config.execution)(
         config.traces, config.cache_dir
     )
+    pipeline.check_targets(config, traces)  # before hours of training, not after
     in_process = config.execution.mode == "in_process"
     if not in_process and not is_url(config.cache_dir):
         logger.warning(

@@ -266,6 +266,12 @@ def _step_progress(disable: bool = False) -> Progress:
 def rank(
     config: Path = typer.Argument(..., help="RankConfig YAML (corpora, traces, proxy, ...)."),
     output: str = typer.Option(None, help="Override: where run folders go (local or s3://)."),
+    targets: str = typer.Option(
+        None,
+        metavar="FILE",
+        help="Override: a targets file (corpus, benchmark, target, ...) to backtest, fit and "
+        "predict against (backtest.parquet, fit.parquet, predictions.parquet in the run).",
+    ),
 ):
     """Rank corpora: train a proxy per corpus, score it on the traces, write the ranking.
 
@@ -273,7 +279,9 @@ def rank(
     """
     from rbridge_core.config import load_rank_config
 
-    overrides = {"output": output} if output else None
+    overrides = {"output": output} if output else {}
+    if targets:  # relative to here, not to the YAML
+        overrides["targets"] = targets if "://" in targets else str(Path(targets).resolve())
     cfg = load_rank_config(config, overrides, use_credentials=_credentials_to_environment)
     _run_ranking(cfg)
 

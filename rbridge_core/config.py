@@ -318,8 +318,14 @@ class RankConfig(_Frozen):
         min_length=1,
         description="Metrics shown in the report and printed ranking (all are computed).",
     )
+    targets: str | None = Field(
+        None,
+        description="Optional targets file (Parquet or CSV: corpus, benchmark, target, ...): a "
+        "larger model's results on some corpora. The run then also writes backtest.parquet, "
+        "fit.parquet and predictions.parquet, and the report predicts every corpus's target.",
+    )
 
-    _urls = field_validator("output", "cache")(_no_credentials)
+    _urls = field_validator("output", "cache", "targets")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "RankConfig":
@@ -349,8 +355,8 @@ def load_rank_config(
     use_credentials: Callable[[list[UrlCredentials]], None] | None = None,
 ) -> RankConfig:
     """Read a ``RankConfig`` from YAML. Relative input paths (corpora, checkpoints, trace files,
-    data_dir, tokenizer) are taken relative to the YAML file; output and cache to the working
-    directory. ``overrides`` replace top-level fields. Errors name the field.
+    data_dir, tokenizer, targets) are taken relative to the YAML file; output and cache to the
+    working directory. ``overrides`` replace top-level fields. Errors name the field.
 
     URLs carrying credentials (``s3://KEY:SECRET@bucket/...``) are refused, unless
     ``use_credentials`` is given: then the credentials are cut out of the URLs and handed to it
@@ -430,6 +436,8 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
     proxy = data.get("proxy")
     if isinstance(proxy, dict) and proxy.get("tokenizer"):
         data["proxy"] = {**proxy, "tokenizer": _resolve(base, proxy["tokenizer"])}
+    if data.get("targets"):
+        data["targets"] = _resolve(base, data["targets"])
     return data
 
 

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -69,6 +69,8 @@ TRAINING_RECIPE = "1"
 # norm_entropy over the tokenizer's vocabulary, span_bpb
 SCORING_RECIPE = "2"
 
+# Every run folder's files; beside them the analysis tables (rbridge_core.analysis.run:
+# pairwise.parquet, and with targets backtest, fit and predictions), report images, manifest.json.
 RUN_FILES = ("item_scores.parquet", "scores.parquet", "ranking.parquet", "report.md")
 
 
@@ -83,6 +85,9 @@ class TracesRef(_Record):
     key: str
     n_items: int
     benchmarks: list[str]
+    # benchmark -> where its trace confidences (rBridge's weights) came from: the traces file's
+    # metadata ``confidence_source`` (trace_metadata), {"kind": "none"} without any
+    confidence_sources: dict[str, dict] = {}
 
 
 class ProxyRef(_Record):
@@ -327,6 +332,11 @@ def build_traces(cfg: TracesConfig) -> list[Trace]:
 
     An item id appearing twice within one benchmark is an error naming both sources.
     """
+    return [trace for trace, _ in _traces_with_sources(cfg)]
+
+
+def _traces_with_sources(cfg: TracesConfig) -> list[tuple[Trace, str]]:
+    """``build_traces`` with each trace's source: ``benchmark <name>`` or the file's path."""
     from rbridge_core.benchmarks import load_benchmark
 
     rows: list[tuple[Trace, str]] = []
@@ -346,12 +356,49 @@ def build_traces(cfg: TracesConfig) -> list[Trace]:
         seen[where] = source
     if not rows:
         raise RbridgeError("traces: the config selects no items")
-    return [t for t, _ in rows]
+    return rows
+
+
+def confidence_sources(rows: Sequence[tuple[Trace, str]]) -> dict[str, dict]:
+    """benchmark -> where its traces' confidences came from (``TracesRef.confidence_sources``).
+
+    A benchmark none of whose traces carries frontier logprobs is ``{"kind": "none"}``; else the
+    ``confidence_source`` in the metadata of the file(s) its weighted traces came from (a built-in
+    benchmark's, or a file's without one, is ``{"kind": "unrecorded"}``). Traces of one
+    benchmark from files with different sources are listed under ``sources``.
+    """
+    from rbridge_core.trace_metadata import read_traces_metadata
+
+    by_benchmark: dict[str, dict[str, dict]] = {}
+    file_sources: dict[str, dict] = {}
+    for trace, source in rows:
+        seen = by_benchmark.setdefault(trace.benchmark, {})
+        if trace.frontier_logprobs is None or source in seen:
+            continue
+        if source not in file_sources:
+            recorded = None
+            if not source.startswith("benchmark "):
+                recorded = read_traces_metadata(source).get("confidence_source")
+            file_sources[source] = (
+                recorded if isinstance(recorded, dict) else {"kind": "unrecorded"}
+            )
+        seen[source] = file_sources[source]
+    result = {}
+    for benchmark, seen in sorted(by_benchmark.items()):
+        distinct = {json.dumps(v, sort_keys=True): v for v in seen.values()}
+        if not distinct:
+            result[benchmark] = {"kind": "none"}
+        elif len(distinct) == 1:
+            result[benchmark] = next(iter(distinct.values()))
+        else:
+            result[benchmark] = {"kind": "mixed", "sources": list(distinct.values())}
+    return result
 
 
 def stage_traces(cfg: TracesConfig, cache_dir: str) -> TracesRef:
     """Build the traces and store them once under ``cache_dir/traces/<content hash>.parquet``."""
-    traces = build_traces(cfg)
+    rows = _traces_with_sources(cfg)
+    traces = [trace for trace, _ in rows]
     table = traces_to_table(traces)
     key = digest("traces", table.to_pylist())
     uri = join(cache_dir, "traces", f"{key[:24]}.parquet")
@@ -361,7 +408,13 @@ def stage_traces(cfg: TracesConfig, cache_dir: str) -> TracesRef:
         pq.write_table(table, sink, compression="zstd")
         write_bytes_atomic(uri, sink.getvalue().to_pybytes())
     benchmarks = sorted({t.benchmark for t in traces})
-    return TracesRef(uri=uri, key=key, n_items=len(traces), benchmarks=benchmarks)
+    return TracesRef(
+        uri=uri,
+        key=key,
+        n_items=len(traces),
+        benchmarks=benchmarks,
+        confidence_sources=confidence_sources(rows),
+    )
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -639,6 +692,28 @@ class RunOutputs:
     scores: pa.Table
     ranking: pa.Table
     report_markdown: str
+    analysis: dict[str, pa.Table] = field(default_factory=dict)  # file name -> table
+
+
+def read_run_targets(config: RankConfig) -> pa.Table | None:
+    """The config's targets file, checked (``analysis.targets.read_targets``), or None."""
+    if config.targets is None:
+        return None
+    from rbridge_core.analysis.targets import read_targets
+
+    return read_targets(config.targets)
+
+
+def check_targets(config: RankConfig, traces: TracesRef) -> None:
+    """Fail before any training when the config's targets cannot be compared with this run:
+    malformed, or naming a corpus or benchmark the run does not have, or too few corpora."""
+    targets = read_run_targets(config)
+    if targets is None:
+        return
+    from rbridge_core.analysis.run import check_run_targets
+
+    corpora = [c.name for c in config.corpora]
+    check_run_targets(targets, corpora, traces.benchmarks, config.targets.rsplit("/", 1)[-1])
 
 
 def write_run(
@@ -655,6 +730,7 @@ def write_run(
     """Write a run folder: the three tables, report.md with plots, then manifest.json (last, so
     its presence marks a complete run). Each file is written atomically. ``revision`` names the
     code's revision where there is no git checkout (an image built from one)."""
+    from rbridge_core.analysis.run import analyse_run
     from rbridge_core.ranking import ALL_AGGREGATE, rank_corpora, ranking_notes
     from rbridge_core.redact import redact_secrets, redact_urls
     from rbridge_core.report import render_report, write_report
@@ -674,6 +750,18 @@ def write_run(
     write_bytes_atomic(join(run_dir, "item_scores.parquet"), _parquet(item_scores))
     write_bytes_atomic(join(run_dir, "scores.parquet"), _parquet(scores))
     write_bytes_atomic(join(run_dir, "ranking.parquet"), _parquet(ranking))
+    analysis = analyse_run(
+        scores,
+        item_scores,
+        read_run_targets(config),
+        headline_metrics=config.headline_metrics,
+        n_resamples=config.scoring.bootstrap_samples,
+        level=config.scoring.ci_level,
+        seed=config.scoring.seed,
+        targets_source=(config.targets or "targets").rsplit("/", 1)[-1],
+    )
+    for name, table in analysis.tables.items():
+        write_bytes_atomic(join(run_dir, name), _parquet(table))
     report = render_report(
         scores,
         ranking,
@@ -681,6 +769,10 @@ def write_run(
         headline_metrics=list(config.headline_metrics),
         title=f"Corpus ranking: {config.name}",
         extra={"run": run_dir.rstrip("/").rsplit("/", 1)[-1], **(extra or {})},
+        confidence_sources=traces.confidence_sources,
+        predictions=analysis.predictions,
+        sections=analysis.section,
+        section_images=analysis.images,
     )
     write_report(report, run_dir)
     manifest = {
@@ -706,11 +798,13 @@ def write_run(
         "failed": failed,
         "timings_seconds": timings or {},
         "ranking": {"all": ALL_AGGREGATE, "notes": notes},
-        "files": [*RUN_FILES, *sorted(report.images)],
+        "compute": analysis.compute,
+        "analysis": {"targets": config.targets, "notes": analysis.notes},
+        "files": [*RUN_FILES, *sorted(analysis.tables), *sorted(report.images)],
     }
     manifest = redact_urls(manifest)  # no credentials in a location or an error message
     write_bytes_atomic(join(run_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    return RunOutputs(manifest, scores, ranking, report.markdown)
+    return RunOutputs(manifest, scores, ranking, report.markdown, analysis.tables)
 
 
 def ranking_summary(ranking: pa.Table, metric: str) -> pl.DataFrame:

@@ -58,6 +58,9 @@ def render_report(
     extra: dict | None = None,
     checkpoint: str | dict[str, str] | None = None,
     confidence_sources: dict[str, dict] | None = None,
+    predictions: pa.Table | None = None,
+    sections: list[str] | None = None,
+    section_images: dict[str, bytes] | None = None,
 ) -> Report:
     """Render the ranking report of one run.
 
@@ -69,7 +72,9 @@ def render_report(
     as skipped. ``extra`` is shown as a key/value list under the title (e.g. config name, git
     revision, a timestamp). ``confidence_sources`` maps a benchmark to the ``confidence_source``
     of its traces (``trace_metadata``): where rBridge's weights came from (frontier logprobs, a
-    reference model's backfill, or none).
+    reference model's backfill, or none). ``predictions`` (schemas.PREDICTIONS) put each
+    corpus's predicted target and prediction interval beside its rank. ``sections`` are markdown
+    lines (the run's analysis) placed before "Failed corpora", ``section_images`` their PNGs.
 
     The markdown has: the corpora scored and failed; the ranking's notes (mixed tokenizers,
     context lengths, truncated items), if any; a rank heat-map ``rank_heatmap.png`` (corpora x
@@ -105,8 +110,11 @@ def render_report(
             f"![rank heat-map]({HEATMAP_FILE})",
         ]
         lines += ["", "Rank 1 is the best corpus; a grey cell has no value.", ""]
+    predicted = _predicted(predictions)
     for benchmark in [ALL_BENCHMARKS, *benchmarks] if shown else []:
-        lines += _benchmark_section(rank_df, score_df, benchmark, shown)
+        lines += _benchmark_section(rank_df, score_df, benchmark, shown, predicted)
+    lines += list(sections or [])
+    images |= section_images or {}
     lines += _failed_section(failed)
     return Report(markdown="\n".join(lines).rstrip("\n") + "\n", images=images)
 
@@ -169,10 +177,32 @@ def _notes_section(notes: list[str]) -> list[str]:
     return ["## Notes", "", *[f"- {_one_line(note)}" for note in notes], ""]
 
 
+def _predicted(predictions: pa.Table | None) -> dict[tuple[str, str], dict[str, str]]:
+    """(benchmark, metric) -> corpus -> "value [low, high]" of the predicted targets."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    if predictions is None:
+        return out
+    for row in predictions.to_pylist():
+        value = row["predicted_target"]
+        if value is None:
+            continue
+        text = _num(value)
+        if row["pi_low"] is not None and row["pi_high"] is not None:
+            text += f" {_ci(row['pi_low'], row['pi_high'])}"
+        out.setdefault((row["benchmark"], row["metric"]), {})[row["corpus"]] = text
+
+    return out
+
+
 def _benchmark_section(
-    rank_df: pl.DataFrame, score_df: pl.DataFrame | None, benchmark: str, metrics: list[str]
+    rank_df: pl.DataFrame,
+    score_df: pl.DataFrame | None,
+    benchmark: str,
+    metrics: list[str],
+    predicted: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> list[str]:
-    """One table per headline metric, then the benchmark's plot (all metrics in one figure)."""
+    """One table per headline metric (with the predicted target when a fit gave one), then the
+    benchmark's plot (all metrics in one figure)."""
     heading = ALL_HEADING if benchmark == ALL_BENCHMARKS else benchmark
     lines = [f"## {heading}", ""]
     if benchmark == ALL_BENCHMARKS:
@@ -182,7 +212,12 @@ def _benchmark_section(
         if not rows:
             continue
         lines += [f"### {metric} ({_direction(metric)})", ""]
-        lines += ["| rank | corpus | value | 95% CI | items |", "|---:|---|---:|---|---:|"]
+        header = ["| rank | corpus | value | 95% CI | items |", "|---:|---|---:|---|---:|"]
+        targets = (predicted or {}).get((benchmark, metric))
+        if targets:  # rows[k][1] is the corpus
+            header = [header[0] + " predicted target (interval) |", header[1] + "---|"]
+            rows = [(*row, targets.get(row[1], MISSING)) for row in rows]
+        lines += header
         lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
         lines.append("")
     if benchmark != ALL_BENCHMARKS:

@@ -121,6 +121,9 @@ def read_traces_metadata(path: str | Path) -> dict[str, Any]:
 def describe_confidence_source(metadata: dict[str, Any]) -> str:
     """One phrase for reports: where a traces file's confidences came from."""
     source = metadata.get("confidence_source")
+    if isinstance(source, dict) and source.get("kind") == "mixed":  # one benchmark, several files
+        parts = [describe_confidence_source({"confidence_source": s}) for s in source["sources"]]
+        return "mixed: " + "; ".join(parts)
     if not isinstance(source, dict) or source.get("kind") not in CONFIDENCE_KINDS:
         return "unrecorded (no confidence_source in the file's metadata)"
     kind, model, backend = source["kind"], source.get("model"), source.get("backend")

@@ -13,6 +13,25 @@ from rbridge_core.config import RankConfig
 from rbridge_core.redact import redact_text, redact_urls
 from tasks.policies import retry_transient
 
+ARTIFACT_DESCRIPTIONS = {
+    "pairwise.parquet": "P(corpus_a better than corpus_b), paired bootstrap over items",
+    "backtest.parquet": "Which metric orders the corpora as the targets do (best first)",
+    "fit.parquet": "Cross-validated fits of the targets on the headline metrics",
+    "predictions.parquet": "Predicted targets with prediction intervals (headline metrics)",
+}
+# Rows per benchmark of the backtest artifact (the best metrics; the file has every metric).
+BACKTEST_ARTIFACT_ROWS = 10
+
+
+def _artifact_rows(name: str, df: pl.DataFrame, config: RankConfig) -> list[dict]:
+    """The rows of an analysis table worth a UI table: headline metrics, the best backtests."""
+    if name == "backtest.parquet":
+        return df.group_by("benchmark", maintain_order=True).head(BACKTEST_ARTIFACT_ROWS).to_dicts()
+    df = df.filter(pl.col("metric").is_in(list(config.headline_metrics)))
+    if name == "pairwise.parquet":
+        df = df.filter(pl.col("metric") == config.headline_metrics[0])
+    return df.to_dicts()
+
 
 def _artifact_key(name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
@@ -48,6 +67,14 @@ def write_outputs(
         table=redact_urls(headline.sort("benchmark", "metric", "corpus").to_dicts()),
         description=f"Headline scores with bootstrap intervals over items; run folder {shown_dir}",
     )
+    for name, table in sorted(outputs.analysis.items()):
+        rows = _artifact_rows(name, pl.from_arrow(table), config)
+        if rows:
+            create_table_artifact(
+                key=_artifact_key(config.name, name.removesuffix(".parquet")),
+                table=redact_urls(rows),
+                description=f"{ARTIFACT_DESCRIPTIONS[name]}; every row in {shown_dir}/{name}",
+            )
     create_markdown_artifact(
         key=_artifact_key(config.name, "report"),
         markdown=redact_text(outputs.report_markdown),

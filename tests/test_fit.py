@@ -235,6 +235,12 @@ def test_fit_points_pairs_checkpoints_and_last_checkpoints():
         ("b", "b/2"): (1.8, 0.35, True),
         ("c", "c/1"): (1.9, 0.33, False),
     }
+    # train_tokens no checkpoint has (the target model's own, as compute accounting reads them)
+    # pair with the corpus's last checkpoint instead of dropping the row
+    own = targets.with_columns(pl.lit(4_000_000, pl.Int64).alias("train_tokens"))
+    own = own.with_columns(pl.lit(None, pl.String).alias("checkpoint"))
+    got = {(r["corpus"], r["checkpoint"]) for r in fit_points(scores, own[2:]).to_pylist()}
+    assert got == {("b", "b/2"), ("c", "c/2")}
     with pytest.raises(FitError, match="one target per"):
         fit_points(scores, pl.concat([targets, targets]))
     with pytest.raises(FitError, match="lacks column"):

@@ -24,6 +24,7 @@ CORPORA = {
     "math": "corpora/math/gsm8k_train_solutions.jsonl",
     "fiction": "corpora/fiction/tinyshakespeare_head.txt",
     "wiki": "corpora/wiki/wikitext2_valid_head.txt",
+    "code": "corpora/code/python_stdlib_head.jsonl",
 }
 
 
@@ -390,3 +391,66 @@ def test_nightly_ranking_appends_one_ranking_per_night(tmp_path, prefect_server)
     assert first["run"] != second["run"]
     drift = pl.read_parquet(second["rank_drift"])
     assert set(drift["corpus"]) == {"math", "fiction"} and drift["previous_rank"].is_null().all()
+
+
+def test_rank_with_targets_writes_backtest_fit_predictions_and_report(tmp_path, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.rank import rank_corpora
+
+    corpora = _copy_corpora(tmp_path, ["math", "fiction", "wiki", "code"])
+    targets = tmp_path / "targets.csv"  # a larger model's GSM8K accuracy; none yet for code
+    targets.write_text(
+        "corpus,benchmark,target,params,train_tokens\n"
+        "math,gsm8k,0.31,8000000,400000000\n"
+        "wiki,gsm8k,0.12,8000000,400000000\n"
+        "fiction,gsm8k,0.05,8000000,400000000\n"
+    )
+    cfg = _config(tmp_path, corpora, steps=30, targets=str(targets))
+    manifest = rank_corpora(cfg)
+    run = Path(manifest["run"])
+    for name in ("backtest.parquet", "fit.parquet", "predictions.parquet", "pairwise.parquet"):
+        assert (run / name).is_file(), name
+        assert name in manifest["files"]
+    backtest = pl.read_parquet(run / "backtest.parquet")
+    assert set(backtest["benchmark"]) == {"gsm8k", "all"}  # commonsenseqa has no targets
+    assert set(backtest["n_corpora"]) == {3}
+    fits = pl.read_parquet(run / "fit.parquet")
+    assert "trace_nll" in set(fits["metric"]) and set(fits["benchmark"]) == {"gsm8k"}
+    predictions = pl.read_parquet(run / "predictions.parquet")
+    predicted = predictions.filter(pl.col("metric") == "trace_nll")
+    assert set(predicted["corpus"]) == {"math", "fiction", "wiki", "code"}  # code predicted too
+    pairwise = pl.read_parquet(run / "pairwise.parquet")
+    assert set(pairwise["benchmark"]) == {"gsm8k", "commonsenseqa_gpt4o_mini", "all"}
+
+    report = (run / "report.md").read_text()
+    assert "## Backtest against targets.csv" in report and "## Predictive fit" in report
+    assert "predicted target (interval)" in report
+    for image in [line.split("](")[1][:-1] for line in report.splitlines() if "](" in line]:
+        assert (run / image).is_file(), image
+    assert any(name.startswith("fit_gsm8k_") for name in manifest["files"])
+    compute = manifest["compute"]
+    assert compute["proxy"]["training_flops"] > 0 and compute["target"]["params"] == 8000000
+    assert compute["target_to_proxy"] > 0 and "compute" in report.lower()
+    assert manifest["analysis"]["targets"] == str(targets)
+    assert manifest["analysis"]["notes"]  # e.g. code has no target and is left out
+
+    with get_client(sync_client=True) as client:
+        keys = ["test-backtest", "test-fit", "test-predictions", "test-pairwise"]
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), limit=20
+        )
+    assert {a.key for a in artifacts} == set(keys)
+
+
+def test_bad_targets_fail_the_ranking_before_any_training(tmp_path, prefect_server):
+    from flows.rank import rank_corpora
+    from rbridge_core.analysis.targets import TargetsError
+
+    corpora = _copy_corpora(tmp_path, ["math", "fiction", "wiki"])
+    targets = tmp_path / "targets.csv"
+    targets.write_text("corpus,benchmark,target\nmath,gsm8k,0.3\nwiki,gsm8k,0.1\nweb,gsm8k,0.2\n")
+    with pytest.raises(TargetsError, match=r"targets.csv row 3: corpus 'web' is not a corpus"):
+        rank_corpora(_config(tmp_path, corpora, targets=str(targets)))
+    assert not (tmp_path / "out" / "_cache" / "proxies").exists()

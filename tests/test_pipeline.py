@@ -2,6 +2,7 @@
 budget, trace staging, run folder names and the printed ranking. Hermetic: trains and scores
 nothing."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ from rbridge_core.config import (
 )
 from rbridge_core.errors import ConfigError, RbridgeError, TracesError, is_transient
 from rbridge_core.schemas import RANKING
-from rbridge_core.traces import read_traces
+from rbridge_core.traces import read_traces, write_traces
 
 EXAMPLES = Path(pipeline.__file__).parent / "examples"
 CORPUS = EXAMPLES / "corpora/wiki/wikitext2_valid_head.txt"
@@ -422,6 +423,50 @@ def test_stage_traces_writes_one_parquet_named_by_content(tmp_path):
     fewer = pipeline.stage_traces(cfg.model_copy(update={"limit_per_benchmark": 3}), cache)
     assert fewer.key != ref.key
     assert len(list(path.parent.iterdir())) == 2
+
+
+def test_stage_traces_records_where_each_benchmarks_confidences_came_from(tmp_path):
+    from rbridge_core.report import _confidence_section
+    from rbridge_core.trace_metadata import confidence_source, write_traces_with_metadata
+
+    backfill = EXAMPLES / "traces" / "reference-backfill" / "gsm8k_reference_backfill.parquet"
+    weighted = read_traces(backfill)[:3]
+    plain = [
+        dataclasses.replace(
+            t, benchmark="gsm8k_plain", frontier_tokens=None, frontier_logprobs=None
+        )
+        for t in weighted
+    ]
+    frontier = tmp_path / "frontier.jsonl"
+    write_traces_with_metadata(
+        [dataclasses.replace(t, benchmark="mine") for t in weighted],
+        frontier,
+        {"confidence_source": confidence_source("frontier", "gpt-4o", "openai")},
+    )
+    unrecorded = tmp_path / "unrecorded.jsonl"
+    write_traces(
+        [dataclasses.replace(t, benchmark="mine", item_id=t.item_id + "-b") for t in weighted],
+        unrecorded,
+    )
+    plain_file = tmp_path / "plain.jsonl"
+    write_traces(plain, plain_file)
+    cfg = TracesConfig(
+        benchmarks=["commonsenseqa_gpt4o_mini"],
+        limit_per_benchmark=2,
+        files=[str(backfill), str(frontier), str(unrecorded), str(plain_file)],
+    )
+    sources = pipeline.stage_traces(cfg, str(tmp_path / "cache")).confidence_sources
+    assert sources["commonsenseqa_gpt4o_mini"] == {"kind": "none"}  # built in, no logprobs
+    assert sources["gsm8k_plain"] == {"kind": "none"}
+    assert sources["gsm8k"]["kind"] == "backfill"
+    assert sources["gsm8k"]["model"] == "rbridge_core/examples/models/reference-gsm8k"
+    assert sources["mine"]["kind"] == "mixed"  # two files, one without metadata
+    text = "\n".join(_confidence_section(sources))
+    assert (
+        "gsm8k: backfilled by reference model rbridge_core/examples/models/reference-gsm8k" in text
+    )
+    assert "mine: mixed: frontier logprobs of gpt-4o (openai); unrecorded" in text
+    assert "commonsenseqa_gpt4o_mini: none (unweighted" in text
 
 
 # --- run folder and summary ------------------------------------------------------------------

@@ -37,8 +37,9 @@ Pure functions, no I/O; the RNG is passed in. Decisions the paper leaves open:
   ``form`` is the form kept in most folds (ties: fewer parameters, then the order above) and
   ``parameters`` that form fitted on all points. Predictions and intervals use that row.
 - **Points**: scores joined with targets on (corpus, benchmark) and the checkpoint: a target with a
-  ``checkpoint`` pairs with the scores at that checkpoint; one without, but with ``train_tokens``,
-  with the corpus's checkpoint of those train_tokens; one with neither, with the corpus's last
+  ``checkpoint`` pairs with the scores at that checkpoint; one without, but whose ``train_tokens``
+  are those of one of the corpus's checkpoints, with that checkpoint; any other (``train_tokens``
+  then being the target model's own, as compute accounting reads them) with the corpus's last
   checkpoint (``ranking.select_checkpoints``). Every metric of the scores gives one point per
   paired (corpus, checkpoint); non-finite values are dropped.
 - **Prediction interval**: the standard least-squares interval, linearised for the exponential
@@ -490,7 +491,7 @@ def _resolve_checkpoints(t: pl.DataFrame, s: pl.DataFrame, last: pl.DataFrame) -
     checkpoint = (
         pl.when(pl.col("checkpoint").is_not_null())
         .then(pl.col("checkpoint"))
-        .when(pl.col("train_tokens").is_not_null())
+        .when(pl.col("_by_tokens").is_not_null())
         .then(pl.col("_by_tokens"))
         .otherwise(pl.col("_last"))
     )

@@ -1,5 +1,6 @@
 """Plots of the analysis tables, as PNG bytes: decision accuracy per metric (a bar chart per
-benchmark) and the pairwise win-probability matrix (a heat-map per benchmark and metric).
+benchmark), the pairwise win-probability matrix (a heat-map per benchmark and metric) and a fit's
+predicted against actual targets (per benchmark and metric).
 
 Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot (as report.py
 does): no global backend or figure state, works in headless workers, and the bytes depend only
@@ -80,6 +81,56 @@ def pairwise_heatmap(pairwise: pa.Table | pl.DataFrame, benchmark: str, metric: 
         f"P(a better than b): {benchmark}, {metric}\n(paired bootstrap over items)", fontsize=9
     )
     fig.colorbar(image, ax=ax, label="P(a better than b)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def predicted_vs_actual(points: pa.Table | pl.DataFrame, fit: dict, predictions=None) -> bytes:
+    """Target against proxy value for one FIT row: the corpora's actual targets (dots), the fitted
+    curve, and each corpus's predicted target with its prediction interval (open markers with
+    whiskers; corpora without a target appear only there)."""
+    from rbridge_core.analysis.fit import evaluate
+
+    benchmark, metric = fit["benchmark"], fit["metric"]
+    pts = _frame(points).filter((pl.col("benchmark") == benchmark) & (pl.col("metric") == metric))
+    fig = Figure(figsize=(6.0, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = pts["value"].to_numpy().astype(np.float64)
+    ax.scatter(xs, pts["target"].to_numpy(), color="#4C72B0", zorder=3, label="actual target")
+    pred = None
+    if predictions is not None:
+        pred = _frame(predictions).filter(
+            (pl.col("benchmark") == benchmark) & (pl.col("metric") == metric)
+        )
+        pred = pred.filter(pl.col("predicted_target").is_not_null())
+    every_x = np.concatenate([xs, pred["value"].to_numpy()]) if pred is not None else xs
+    if len(every_x):
+        grid = np.linspace(every_x.min(), every_x.max(), 200)
+        with np.errstate(all="ignore"):
+            curve = evaluate(fit["form"], fit["parameters"], grid)
+        ax.plot(grid, curve, color="#333333", linewidth=1, label=f"{fit['form']} fit")
+    if pred is not None and len(pred):
+        value = pred["predicted_target"].to_numpy().astype(np.float64)
+        low = pred["pi_low"].fill_null(float("nan")).to_numpy().astype(np.float64)
+        high = pred["pi_high"].fill_null(float("nan")).to_numpy().astype(np.float64)
+        errors = np.vstack([np.nan_to_num(value - low), np.nan_to_num(high - value)])
+        ax.errorbar(
+            pred["value"].to_numpy(), value, yerr=np.clip(errors, 0.0, None), fmt="o",
+            mfc="none", color="#DD8452", capsize=3, label="predicted (interval)",
+        )  # fmt: skip
+        for x, y, corpus in pred.select("value", "predicted_target", "corpus").iter_rows():
+            ax.annotate(corpus, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    r2, mae = fit.get("train_r2"), fit.get("test_mae")
+    stats = ", ".join(
+        f"{name} {v:.3f}"
+        for name, v in (("train R²", r2), ("test MAE", mae))
+        if v is not None and math.isfinite(v)
+    )
+    ax.set_xlabel(f"proxy {metric}")
+    ax.set_ylabel(f"target ({benchmark})")
+    ax.set_title(f"{benchmark}: target vs {metric}\n({stats or 'no fit statistics'})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
