@@ -9,9 +9,9 @@ context length.
 
 - Proxies are scored by the real engine (``scoring.score_traces``: every metric) on held-out
   items: GSM8K test human solutions, GPT-4o-mini GSM8K and CommonsenseQA chain-of-thought traces,
-  and the multiple-choice items of ARC-Easy (loaded here: the file has ARC-Challenge's layout)
-  and CommonsenseQA (their gold option as the trace, option log-likelihoods for ``mc_*``). No
-  frontier logprobs exist offline, so rBridge's confidences are backfilled (METHOD.md §4) from a
+  and the multiple-choice items of ARC-Easy (the ``arc_easy`` loader) and CommonsenseQA (their
+  gold option as the trace, option log-likelihoods for ``mc_*``). No frontier logprobs exist
+  offline, so rBridge's confidences are backfilled (METHOD.md §4) from a
   reference model: the target model of the uniform mixture of every base corpus (the largest
   model trained on the broadest data); without them rbridge_nll would equal trace_nll.
 - Target measures, per corpus, from the target model scored by the same engine: trace NLL
@@ -55,7 +55,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import benchenv  # first: offline mode and import paths, before torch/transformers
@@ -65,17 +65,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rbridge_core import templates
 from rbridge_core.analysis.backtest import backtest_metrics
 from rbridge_core.analysis.fit import FitError, fit_points, fit_table
 from rbridge_core.analysis.targets import validate_targets
 from rbridge_core.backfill import TransformersLogprobs, backfill_traces
-from rbridge_core.benchmarks import LETTERS, load_benchmark
+from rbridge_core.benchmarks import load_benchmark
 from rbridge_core.config import ScoringConfig, TrainingConfig
 from rbridge_core.models import ModelConfig, build_model, estimate_parameters, preset_names
 from rbridge_core.scoring import load_model_dir, read_training_meta, score_traces
 from rbridge_core.trace_metadata import confidence_source, write_traces_with_metadata
-from rbridge_core.traces import Trace, read_traces, traces_to_table, validate_table
+from rbridge_core.traces import Trace, read_traces
 from rbridge_core.training import train
 
 RECIPE = "validation-ladder-1"  # bump when training or data preparation changes meaning
@@ -83,7 +82,6 @@ DATA = benchenv.REPO_ROOT.parent / "shared" / "data"
 ROLES = ("small", "large", "target")
 REASONING = ("gsm8k", "gsm8k_gpt4o_mini", "commonsenseqa_gpt4o_mini")
 MULTIPLE_CHOICE = ("arc_easy", "commonsenseqa")
-ARC_EASY_FILE = "benchmarks/arc_challenge/arc_easy_test.jsonl"
 REFERENCE_CORPUS = "mix_all"
 # Proxy steps tried by the planner (x --proxy-batch rows of --seq-len tokens per step).
 STEP_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -356,53 +354,11 @@ def _stable_int(text: str) -> int:
 # --- traces ----------------------------------------------------------------------------------
 
 
-def register_arc_easy_template() -> None:
-    """ARC-Easy is ARC-Challenge's sibling (same file layout, same formulation): give it
-    ARC-Challenge's prompt template unless templates.yaml already has one."""
-    if "arc_easy" in templates.known_benchmarks():
-        return
-    known = templates._templates()  # the cached mapping template_for reads
-    known["arc_easy"] = replace(
-        known["arc_challenge"],
-        benchmark="arc_easy",
-        description="ARC-Easy multiple choice (ARC-Challenge's template, set by the ladder).",
-    )
-
-
-def load_arc_easy(data: Path, limit: int) -> list[Trace]:
-    """The first ``limit`` ARC-Easy test items as multiple-choice Traces, laid out as the
-    arc_challenge loader does: prompt = question + lettered options, trace = the gold option
-    "<letter>. <text>", answer = its letter, choices and gold_index set."""
-    path = data / ARC_EASY_FILE
-    traces = []
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if len(traces) >= limit:
-                break
-            rec = json.loads(line)
-            question = rec["query"].strip().removeprefix("Question:").strip()
-            options = [c.strip() for c in rec["choices"]]
-            gold = rec["gold"]
-            lettered = [f"{LETTERS[k]}. {option}" for k, option in enumerate(options)]
-            traces.append(
-                Trace(
-                    benchmark="arc_easy",
-                    item_id=str(index),
-                    prompt="\n".join([question, *lettered]),
-                    trace=lettered[gold],
-                    answer=LETTERS[gold],
-                    choices=tuple(options),
-                    gold_index=gold,
-                )
-            )
-    return validate_table(traces_to_table(traces), source=str(path))
-
-
 def load_traces(data: Path, trace_items: int, mc_items: int) -> list[Trace]:
     traces = []
     for name in REASONING:
         traces += load_benchmark(name, data, limit=trace_items)
-    traces += load_arc_easy(data, mc_items)
+    traces += load_benchmark("arc_easy", data, limit=mc_items)
     traces += load_benchmark("commonsenseqa", data, limit=mc_items)
     return traces
 
@@ -969,7 +925,6 @@ def main(argv=None) -> int:
     if ratio < 8 or args.token_ratio < 8:
         log("WARNING: the target is < 8x the larger proxy in parameters or tokens")
 
-    register_arc_easy_template()
     traces = load_traces(data, args.trace_items, args.mc_items)
     counts = {b: sum(t.benchmark == b for t in traces) for b in (*REASONING, *MULTIPLE_CHOICE)}
     log(f"traces: {counts}")

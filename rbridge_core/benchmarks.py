@@ -18,9 +18,9 @@ What each benchmark's trace is (the dataset's gold reasoning where it has one):
   rBridge scores natural reasoning. answer = N with thousands commas removed.
 - ``math500``: the expert solution; answer = the boxed answer.
 - ``humaneval``: the canonical solution, verbatim (it continues the prompt's code); no answer.
-- ``arc_challenge``, ``commonsenseqa``, ``mmlu_pro_stem``: no human solutions exist, so the trace
-  is the gold option written out as ``"<letter>. <option text>"`` and answer = the letter. The
-  prompt is the question followed by its lettered options, one per line (``"A. ..."``).
+- ``arc_challenge``, ``arc_easy``, ``commonsenseqa``, ``mmlu_pro_stem``: no human solutions exist,
+  so the trace is the gold option written out as ``"<letter>. <option text>"`` and answer = the
+  letter. The prompt is the question followed by its lettered options, one per line (``"A. ..."``).
 - ``gsm8k_gpt4o_mini``, ``commonsenseqa_gpt4o_mini``: GPT-4o-mini's greedy chain of thought
   (``cot.generation[0]``), answer = the dataset's gold answer; item_ids equal those of the plain
   loader for the same question.
@@ -60,6 +60,7 @@ GSM8K_FILE = "benchmarks/gsm8k/test.jsonl"
 MATH500_FILE = "benchmarks/math500/test.jsonl"
 HUMANEVAL_FILE = "benchmarks/humaneval/HumanEval.jsonl.gz"
 ARC_CHALLENGE_FILE = "benchmarks/arc_challenge/arc_challenge_test.jsonl"
+ARC_EASY_FILE = "benchmarks/arc_challenge/arc_easy_test.jsonl"
 COMMONSENSEQA_FILE = "benchmarks/commonsenseqa/dev_rand_split.jsonl"
 MMLU_PRO_FILE = "benchmarks/mmlu_pro/test.jsonl"
 GSM8K_GPT4O_MINI_FILE = "traces/gpt4o-mini/gsm8k_test_gpt-4o-mini_readtimes1.jsonl"
@@ -228,8 +229,16 @@ def _humaneval(data_dir: Path) -> Iterator[Trace]:
 
 
 def _arc_challenge(data_dir: Path) -> Iterator[Trace]:
+    return _arc("arc_challenge", ARC_CHALLENGE_FILE, data_dir)
+
+
+def _arc_easy(data_dir: Path) -> Iterator[Trace]:
+    return _arc("arc_easy", ARC_EASY_FILE, data_dir)
+
+
+def _arc(benchmark: str, path: str, data_dir: Path) -> Iterator[Trace]:
     # This copy (MosaicML ICL layout) has no ids: the 0-based row index is the item_id.
-    source = _Source(data_dir, ARC_CHALLENGE_FILE, "arc_challenge")
+    source = _Source(data_dir, path, benchmark)
     for index, (line, record) in enumerate(source.records()):
         question = source.field(record, line, "query").strip().removeprefix("Question:").strip()
         choices = source.field(record, line, "choices")
@@ -237,7 +246,7 @@ def _arc_challenge(data_dir: Path) -> Iterator[Trace]:
         if not isinstance(gold, int) or not 0 <= gold < len(choices):
             raise source.error(line, f"field 'gold' is {gold!r}; expected an index into choices")
         yield _multiple_choice_trace(
-            "arc_challenge", str(index), question, choices, LETTERS[gold], source, line
+            benchmark, str(index), question, choices, LETTERS[gold], source, line
         )
 
 
@@ -354,6 +363,7 @@ _LOADERS: dict[str, Callable[[Path], Iterator[Trace]]] = {
     "math500": _math500,
     "humaneval": _humaneval,
     "arc_challenge": _arc_challenge,
+    "arc_easy": _arc_easy,
     "commonsenseqa": _commonsenseqa,
     "commonsenseqa_gpt4o_mini": _commonsenseqa_gpt4o_mini,
     "mmlu_pro_stem": _mmlu_pro_stem,

@@ -217,7 +217,7 @@ class TracesConfig(_Frozen):
     benchmarks: list[str] = Field(
         default_factory=list,
         description="Built-in benchmark loaders (gsm8k, gsm8k_gpt4o_mini, math500, humaneval, "
-        "arc_challenge, commonsenseqa, commonsenseqa_gpt4o_mini, mmlu_pro_stem).",
+        "arc_challenge, arc_easy, commonsenseqa, commonsenseqa_gpt4o_mini, mmlu_pro_stem).",
     )
     files: list[str] = Field(
         default_factory=list, description="Trace files (Parquet or JSONL), e.g. frontier traces."

@@ -687,6 +687,9 @@ HUB_BENCHMARK_FILES: dict[str, HubBenchmark] = {
     "benchmarks/arc_challenge/arc_challenge_test.jsonl": HubBenchmark(
         "allenai/ai2_arc", "ARC-Challenge", "test", "arc"
     ),
+    "benchmarks/arc_challenge/arc_easy_test.jsonl": HubBenchmark(
+        "allenai/ai2_arc", "ARC-Easy", "test", "arc"
+    ),
     "benchmarks/commonsenseqa/dev_rand_split.jsonl": HubBenchmark(
         "tau/commonsense_qa", None, "validation", "commonsenseqa"
     ),
