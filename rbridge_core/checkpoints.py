@@ -150,6 +150,7 @@ def _write_folder_atomic(final: Path, write) -> Path:
     untouched), and a full disk raises ``DiskFullError`` naming ``final``.
     """
     tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
+    _sweep_orphans(final.parent)
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -166,6 +167,33 @@ def _write_folder_atomic(final: Path, write) -> Path:
             raise full from err
         raise
     return final
+
+
+_ORPHAN = re.compile(r"\.tmp_.+_(\d+)")
+
+
+def _sweep_orphans(folder: Path) -> None:
+    """Remove the temporary folders that killed processes of this host left in ``folder``
+    (``.tmp_<name>_<pid>`` whose pid no longer runs): a SIGKILL skips the cleanup. Only one
+    process trains into a run folder at a time (the cache entry's lease), so none is in use."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _ORPHAN.fullmatch(path.name)
+        if match and path.is_dir() and not _running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _staging_for(out_dir: str | Path, staging: Path | None) -> Path:

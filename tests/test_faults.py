@@ -335,3 +335,24 @@ def test_the_atomic_writer_names_a_full_disk_by_fault_injection(tmp_path, monkey
         storage.write_bytes_atomic(target, b"new")
     assert target.read_bytes() == b"old complete file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+
+
+def test_a_killed_writers_temporary_folder_is_swept_by_the_next_save(tmp_path):
+    from rbridge_core.checkpoints import save_checkpoint
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid no longer runs: like a training process killed mid-save
+    run = tmp_path / "run"
+    orphan = run / "checkpoints" / f".tmp_step_0000005_{dead.pid}"
+    live = run / "checkpoints" / f".tmp_step_0000005_{os.getppid()}"  # running: left alone
+    for folder in (orphan, live):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"partial")
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(
+        run, step=6, model=model, optimizer=optimizer, trainer_state={"step": 6},
+        meta={"step": 6}, keep_last=2,
+    )  # fmt: skip
+    assert not orphan.exists() and live.is_dir()
+    assert [Path(p).name for p in list_checkpoints(run)] == ["step_0000006"]
