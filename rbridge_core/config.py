@@ -301,7 +301,12 @@ class ExecutionConfig(_Frozen):
 class RankConfig(_Frozen):
     """A corpus ranking: which corpora, which traces, which proxy, where the results go."""
 
-    name: str = Field("ranking", pattern=_NAME_PATTERN, description="Run name prefix.")
+    name: str = Field(
+        "ranking",
+        pattern=_NAME_PATTERN,
+        max_length=CORPUS_NAME_MAX_CHARS,  # run folders: <name>-<UTC time>-<id>
+        description=f"Run name prefix (letters, digits, . _ -; at most {CORPUS_NAME_MAX_CHARS}).",
+    )
     corpora: list[CorpusConfig] = Field(..., min_length=1)
     traces: TracesConfig
     proxy: ProxyConfig

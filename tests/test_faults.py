@@ -183,6 +183,9 @@ def test_an_over_long_corpus_name_is_refused_in_the_config(tmp_path):
         data["corpora"][0]["name"] = name
         with pytest.raises(ConfigError, match=r"'corpora\.0\.name'"):
             validate_config(RankConfig, data)
+    data["corpora"][0]["name"] = "ok"
+    with pytest.raises(ConfigError, match=r"'name'.*at most 64 characters"):  # the run's folder
+        validate_config(RankConfig, {**data, "name": "r" * 300})
 
 
 def test_a_name_the_filesystem_refuses_is_not_retried(tmp_path):
