@@ -1,5 +1,6 @@
 """Write the run folder and publish the ranking and report as Prefect artifacts."""
 
+import math
 import os
 import re
 
@@ -24,13 +25,23 @@ BACKTEST_ARTIFACT_ROWS = 10
 
 
 def _artifact_rows(name: str, df: pl.DataFrame, config: RankConfig) -> list[dict]:
-    """The rows of an analysis table worth a UI table: headline metrics, the best backtests."""
+    """The rows of an analysis table worth a UI table: headline metrics, the best backtests;
+    NaN and infinities as None (the artifact is JSON, which has neither)."""
     if name == "backtest.parquet":
-        return df.group_by("benchmark", maintain_order=True).head(BACKTEST_ARTIFACT_ROWS).to_dicts()
-    df = df.filter(pl.col("metric").is_in(list(config.headline_metrics)))
+        df = df.group_by("benchmark", maintain_order=True).head(BACKTEST_ARTIFACT_ROWS)
+    else:
+        df = df.filter(pl.col("metric").is_in(list(config.headline_metrics)))
     if name == "pairwise.parquet":
         df = df.filter(pl.col("metric") == config.headline_metrics[0])
-    return df.to_dicts()
+    return [{k: _json_number(v) for k, v in row.items()} for row in df.to_dicts()]
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_number(v) for v in value]
+    return value
 
 
 def _artifact_key(name: str, what: str) -> str:

@@ -137,3 +137,24 @@ def test_what_cannot_be_analysed_is_a_note_not_a_failure(run):
     assert "backtest.parquet" not in analysis.tables
     assert any(n.startswith("backtest not computed:") for n in analysis.notes)
     assert "## Analysis notes" in "\n".join(analysis.section)
+
+
+def test_artifact_rows_are_json_without_nan():
+    import json
+
+    from rbridge_core.config import demo_config
+    from tasks.outputs import _artifact_rows
+
+    fits = pl.DataFrame(
+        {
+            "benchmark": ["gsm8k", "gsm8k"],
+            "metric": ["rbridge_nll", "expert_rank"],
+            "train_r2": [float("nan"), 0.5],  # constant targets: R² undefined
+            "parameters": [[1.0, float("inf")], [0.0, 1.0]],
+        }
+    )
+    rows = _artifact_rows("fit.parquet", fits, demo_config())
+    assert rows == [
+        {"benchmark": "gsm8k", "metric": "rbridge_nll", "train_r2": None, "parameters": [1.0, None]}
+    ]  # headline metrics only
+    json.dumps(rows, allow_nan=False)
