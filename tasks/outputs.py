@@ -33,7 +33,11 @@ def _artifact_rows(name: str, df: pl.DataFrame, config: RankConfig) -> list[dict
         df = df.filter(pl.col("metric").is_in(list(config.headline_metrics)))
     if name == "pairwise.parquet":
         df = df.filter(pl.col("metric") == config.headline_metrics[0])
-    return [{k: _json_number(v) for k, v in row.items()} for row in df.to_dicts()]
+    return _json_rows(df.to_dicts())
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    return [{k: _json_number(v) for k, v in row.items()} for row in rows]
 
 
 def _json_number(value):
@@ -68,14 +72,14 @@ def write_outputs(
     rows = ranking.filter(pl.col("metric") == metric).sort("benchmark", "rank").to_dicts()
     create_table_artifact(
         key=_artifact_key(config.name, "ranking"),
-        table=redact_urls(rows),
+        table=redact_urls(_json_rows(rows)),
         description=f"Corpus ranking on {metric} (rank 1 = best); run folder {shown_dir}",
     )
     scores = pl.from_arrow(outputs.scores)
     headline = scores.filter(pl.col("metric").is_in(list(config.headline_metrics)))
     create_table_artifact(
         key=_artifact_key(config.name, "scores"),
-        table=redact_urls(headline.sort("benchmark", "metric", "corpus").to_dicts()),
+        table=redact_urls(_json_rows(headline.sort("benchmark", "metric", "corpus").to_dicts())),
         description=f"Headline scores with bootstrap intervals over items; run folder {shown_dir}",
     )
     for name, table in sorted(outputs.analysis.items()):
