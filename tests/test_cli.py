@@ -99,3 +99,28 @@ def test_core_never_imports_prefect():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_rank_targets_come_from_the_yaml_or_the_command_line(tmp_path, monkeypatch):
+    import rbridge_core.cli as cli
+
+    ran = []
+    monkeypatch.setattr(cli, "_run_ranking", ran.append)
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "rank.yaml"
+    config.write_text(
+        "corpora: [{name: a, paths: [a.txt]}]\ntraces: {benchmarks: [gsm8k]}\n"
+        "proxy: {tokenizer: t.model}\ntargets: results/7b.csv\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["rank", str(config)]).exit_code == 0
+    assert ran[-1].targets == str(tmp_path / "configs" / "results" / "7b.csv")  # beside the YAML
+    result = CliRunner().invoke(app, ["rank", str(config), "--targets", "mine.csv"])
+    assert result.exit_code == 0 and ran[-1].targets == str(tmp_path / "mine.csv")  # from here
+    # credentials in its URL go where s3fs reads them, as for every other URL of the config
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "before")
+    result = CliRunner().invoke(app, ["rank", str(config), "--targets", "s3://k:s@b/t.csv"])
+    assert result.exit_code == 0 and ran[-1].targets == "s3://b/t.csv"
+    result = CliRunner().invoke(app, ["rank", str(config), "--targets", "https://u:p@h/t.csv"])
+    assert result.exit_code == 2 and "'targets'" in result.output and ":p@" not in result.output
