@@ -218,7 +218,7 @@ def _benchmark_section(
             header = [header[0] + " predicted target (interval) |", header[1] + "---|"]
             rows = [(*row, targets.get(row[1], MISSING)) for row in rows]
         lines += header
-        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
         lines.append("")
     if benchmark != ALL_BENCHMARKS:
         lines += [f"![{benchmark}]({_image_name(benchmark)})", ""]
@@ -363,6 +363,7 @@ def _one_line(value: object) -> str:
     return redact_text(" ".join(str(value).split()))
 
 
-def _cell(value: str) -> str:
-    """A markdown table cell: a ``|`` inside it would split the cell."""
+def markdown_cell(value: object) -> str:
+    """A value as one markdown table cell: on one line, credentials redacted, ``|`` escaped
+    (it would split the cell)."""
     return _one_line(value).replace("|", "\\|")

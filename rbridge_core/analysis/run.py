@@ -36,6 +36,7 @@ from rbridge_core.analysis.backtest import MIN_CORPORA
 from rbridge_core.analysis.targets import TargetsError
 from rbridge_core.errors import RbridgeError
 from rbridge_core.ranking import ALL_BENCHMARKS
+from rbridge_core.report import markdown_cell
 
 logger = logging.getLogger(__name__)
 
@@ -100,53 +101,74 @@ def analyse_run(
     """Analyse one run's SCORES (and ITEM_SCORES) tables, against ``targets`` when given."""
     from rbridge_core.analysis.compute import compute_accounting
 
-    notes: list[str] = []
-    tables: dict[str, pa.Table] = {}
-    images: dict[str, bytes] = {}
     compute = compute_accounting(scores, item_scores, targets)
+    out = _Part(lines=["## Compute", "", markdown_cell(compute["summary"]), ""])
     metric = _first_ranked(scores, headline_metrics)
-    section = ["## Compute", "", f"{compute['summary']}", ""]
     if item_scores is not None and len(item_scores) and metric is not None:
-        section += _pairwise(scores, item_scores, metric, n_resamples, seed, tables, images, notes)
+        out.add(_pairwise(scores, item_scores, metric, n_resamples, seed))
     predictions = None
     if targets is not None:
-        section += _backtest(
-            scores, targets, headline_metrics, n_resamples, level, seed, targets_source,
-            tables, images, notes,
-        )  # fmt: skip
-        fit_lines, predictions = _fit(
-            scores, targets, headline_metrics, level, seed, tables, images, notes
-        )
-        section += fit_lines
-    if notes:
-        section += ["## Analysis notes", "", *[f"- {note}" for note in notes], ""]
-    for note in notes:
+        backtest = _Settings(headline_metrics, n_resamples, level, seed, targets_source)
+        out.add(_backtest(scores, targets, backtest))
+        fit = _fit(scores, targets, backtest)
+        out.add(fit)
+        predictions = fit.tables.get(PREDICTIONS_FILE)
+    if out.notes:
+        out.lines += [
+            "## Analysis notes",
+            "",
+            *[f"- {markdown_cell(note)}" for note in out.notes],
+            "",
+        ]
+    for note in out.notes:
         logger.warning("analysis: %s", note)
-    return RunAnalysis(tables, images, compute, predictions, section, notes)
+    return RunAnalysis(out.tables, out.images, compute, predictions, out.lines, out.notes)
+
+
+@dataclass
+class _Part:
+    """One part of the analysis: report lines, tables and images by file name, notes."""
+
+    lines: list[str] = field(default_factory=list)
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    images: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, other: _Part) -> None:
+        self.lines += other.lines
+        self.tables |= other.tables
+        self.images |= other.images
+        self.notes += other.notes
+
+
+@dataclass(frozen=True)
+class _Settings:
+    headline: Sequence[str]
+    n_resamples: int
+    level: float
+    seed: int
+    source: str
 
 
 def _first_ranked(scores: pa.Table, metrics: Sequence[str]) -> str | None:
-    present = (
-        set(pl.from_arrow(scores.select(["metric"]))["metric"].to_list()) if len(scores) else set()
-    )
+    present = set(scores.column("metric").to_pylist()) if len(scores) else set()
     return next((m for m in metrics if m in present), None)
 
 
-def _pairwise(scores, item_scores, metric, n_resamples, seed, tables, images, notes) -> list[str]:
-    from rbridge_core.analysis.pairwise import PairwiseError, pairwise_win_probabilities
+def _pairwise(scores, item_scores, metric: str, n_resamples: int, seed: int) -> _Part:
+    from rbridge_core.analysis.pairwise import pairwise_win_probabilities
     from rbridge_core.analysis.plots import pairwise_heatmap, plot_file_name
 
     try:
         pairs = pairwise_win_probabilities(item_scores, scores, n_resamples=n_resamples, seed=seed)
-    except (PairwiseError, RbridgeError) as err:
-        notes.append(f"pairwise win probabilities not computed: {err}")
-        return []
-    tables[PAIRWISE_FILE] = pairs
+    except RbridgeError as err:
+        return _Part(notes=[f"pairwise win probabilities not computed: {err}"])
+    part = _Part(tables={PAIRWISE_FILE: pairs})
     df = pl.from_arrow(pairs).filter(pl.col("metric") == metric)
     benchmarks = sorted(set(df["benchmark"].to_list()), key=lambda b: (b != ALL_BENCHMARKS, b))
     if not benchmarks:
-        return []
-    lines = [
+        return part
+    part.lines = [
         f"## Ranking uncertainty: {metric}",
         "",
         "P(row corpus better than column corpus) from a paired bootstrap over items (the same "
@@ -156,107 +178,103 @@ def _pairwise(scores, item_scores, metric, n_resamples, seed, tables, images, no
     ]
     for benchmark in benchmarks:
         name = plot_file_name("pairwise", benchmark, metric)
-        images[name] = pairwise_heatmap(df, benchmark, metric)
-        lines += [f"![pairwise {benchmark}]({name})", ""]
-    return lines
+        part.images[name] = pairwise_heatmap(df, benchmark, metric)
+        part.lines += [f"![pairwise {markdown_cell(benchmark)}]({name})", ""]
+    return part
 
 
-def _backtest(
-    scores, targets, headline, n_resamples, level, seed, source, tables, images, notes
-) -> list[str]:
+def _backtest(scores, targets, settings: _Settings) -> _Part:
     from rbridge_core.analysis.backtest import backtest_metrics
     from rbridge_core.analysis.plots import decision_accuracy_chart, plot_file_name
 
-    lines = [f"## Backtest against {source}", ""]
     try:
         result = backtest_metrics(
             scores,
             targets,
             unmatched="drop",
-            n_resamples=n_resamples,
-            level=level,
-            seed=seed,
-            targets_source=source,
+            n_resamples=settings.n_resamples,
+            level=settings.level,
+            seed=settings.seed,
+            targets_source=settings.source,
         )
     except RbridgeError as err:
-        notes.append(f"backtest not computed: {err}")
-        return []
-    tables[BACKTEST_FILE] = result.table
-    notes += result.notes
+        return _Part(notes=[f"backtest not computed: {err}"])
+    part = _Part(tables={BACKTEST_FILE: result.table}, notes=list(result.notes))
     df = pl.from_arrow(result.table)
-    lines += [
+    part.lines = [
+        f"## Backtest against {markdown_cell(settings.source)}",
+        "",
         "Which metric orders the corpora as the targets do: decision accuracy (the fraction of "
         "corpus pairs with different targets ordered as the targets order them; 0.5 = chance), "
-        f"Kendall τ and Spearman ρ (+1 = the targets' order), {level:.0%} bootstrap intervals "
-        f"over corpora. Corpora compared: {', '.join(sorted(result.checkpoints))}. "
+        f"Kendall τ and Spearman ρ (+1 = the targets' order), {settings.level:.0%} bootstrap "
+        f"intervals over corpora. Corpora compared: {', '.join(sorted(result.checkpoints))}. "
         f"Every metric: `{BACKTEST_FILE}`.",
         "",
     ]
     for benchmark in dict.fromkeys(df["benchmark"].to_list()):
-        part = df.filter(pl.col("benchmark") == benchmark)
-        shown = part.head(REPORT_TOP_METRICS)
+        rows = df.filter(pl.col("benchmark") == benchmark)
+        shown = rows.head(REPORT_TOP_METRICS)
         listed = set(shown["metric"].to_list())
-        extra = part.filter(pl.col("metric").is_in([m for m in headline if m not in listed]))
-        lines += [f"### {benchmark}", ""]
-        lines += [
+        extra = rows.filter(
+            pl.col("metric").is_in([m for m in settings.headline if m not in listed])
+        )
+        part.lines += [
+            f"### {markdown_cell(benchmark)}",
+            "",
             "| metric | decision accuracy | interval | Kendall τ | Spearman ρ | corpora | pairs |",
             "|---|---:|---|---:|---:|---:|---:|",
         ]
         for row in pl.concat([shown, extra]).iter_rows(named=True):
-            lines.append(
+            part.lines.append(
                 f"| {row['metric']} | {_num(row['decision_accuracy'])} | "
                 f"{_interval(row['decision_accuracy_low'], row['decision_accuracy_high'])} | "
                 f"{_num(row['kendall_tau'])} | {_num(row['spearman_rho'])} | "
                 f"{row['n_corpora']} | {row['n_pairs']} |"
             )
         name = plot_file_name("backtest", benchmark)
-        images[name] = decision_accuracy_chart(part, benchmark)
-        lines += ["", f"![decision accuracy {benchmark}]({name})", ""]
-    return lines
+        part.images[name] = decision_accuracy_chart(rows, benchmark)
+        part.lines += ["", f"![decision accuracy {markdown_cell(benchmark)}]({name})", ""]
+    return part
 
 
-def _fit(
-    scores, targets, headline, level, seed, tables, images, notes
-) -> tuple[list[str], pa.Table | None]:
+def _fit(scores, targets, settings: _Settings) -> _Part:
     from rbridge_core.analysis import fit as fitting
     from rbridge_core.analysis.plots import plot_file_name, predicted_vs_actual
 
     try:
         points = fitting.fit_points(scores, targets)
-        report = fitting.fit_table(points, np.random.default_rng(seed))
-        predictions = fitting.predict_targets(report.table, points, scores, level=level)
+        report = fitting.fit_table(points, np.random.default_rng(settings.seed))
+        predictions = fitting.predict_targets(report.table, points, scores, level=settings.level)
     except RbridgeError as err:
-        notes.append(f"predictive fit not computed: {err}")
-        return [], None
-    tables[FIT_FILE] = report.table
-    tables[PREDICTIONS_FILE] = predictions
-    notes += report.notes
-    fits = pl.from_arrow(report.table)
-    shown = fits.filter(pl.col("metric").is_in(list(headline)))
-    lines = [
+        return _Part(notes=[f"predictive fit not computed: {err}"])
+    part = _Part(
+        tables={FIT_FILE: report.table, PREDICTIONS_FILE: predictions}, notes=list(report.notes)
+    )
+    shown = pl.from_arrow(report.table).filter(pl.col("metric").is_in(list(settings.headline)))
+    part.lines = [
         "## Predictive fit",
         "",
         "rBridge's protocol: target against proxy metric over the corpora with targets, 5-fold "
         "cross-validation (leave-one-out with fewer points), in each fold the linear, quadratic, "
         "exponential or logarithmic least-squares fit with the best train R²; the mean train R² "
         "and test MAE over folds. Predictions beside the ranks use the form kept most often, "
-        f"fitted on every point, with its {level:.0%} prediction interval. Every metric: "
-        f"`{FIT_FILE}`, `{PREDICTIONS_FILE}`.",
+        f"fitted on every point, with its {settings.level:.0%} prediction interval. Every "
+        f"metric: `{FIT_FILE}`, `{PREDICTIONS_FILE}`.",
         "",
         "| benchmark | metric | form | train R² | test MAE | points |",
         "|---|---|---|---:|---:|---:|",
     ]
     for row in shown.iter_rows(named=True):
-        lines.append(
-            f"| {row['benchmark']} | {row['metric']} | {row['form']} | {_num(row['train_r2'])} | "
-            f"{_num(row['test_mae'])} | {row['n_points']} |"
+        part.lines.append(
+            f"| {markdown_cell(row['benchmark'])} | {row['metric']} | {row['form']} | "
+            f"{_num(row['train_r2'])} | {_num(row['test_mae'])} | {row['n_points']} |"
         )
-    lines.append("")
+    part.lines.append("")
     for row in shown.iter_rows(named=True):
         name = plot_file_name("fit", row["benchmark"], row["metric"])
-        images[name] = predicted_vs_actual(points, row, predictions)
-        lines += [f"![fit {row['benchmark']} {row['metric']}]({name})", ""]
-    return lines, predictions
+        part.images[name] = predicted_vs_actual(points, row, predictions)
+        part.lines += [f"![fit {markdown_cell(row['benchmark'])} {row['metric']}]({name})", ""]
+    return part
 
 
 def _num(value: float | None) -> str:
