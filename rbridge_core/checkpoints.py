@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from rbridge_core.errors import RbridgeError
+from rbridge_core.locks import process_alive
 from rbridge_core.storage import (
     disk_full_error,
     download_dir,
@@ -180,20 +181,9 @@ def _sweep_orphans(folder: Path) -> None:
         return
     for path in folder.iterdir():
         match = _ORPHAN.fullmatch(path.name)
-        if match and path.is_dir() and not _running(int(match.group(1))):
+        pid = int(match.group(1)) if match else None
+        if pid is not None and pid != os.getpid() and path.is_dir() and not process_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _staging_for(out_dir: str | Path, staging: Path | None) -> Path:

@@ -77,13 +77,16 @@ class Holder:
 
     def is_stale(self, now: float) -> bool:
         """Expired, or held by a process of this host that has exited."""
-        return now > self.expires or (self.host == socket.gethostname() and not _alive(self.pid))
+        return now > self.expires or (
+            self.host == socket.gethostname() and not process_alive(self.pid)
+        )
 
     def describe(self) -> str:
         return f"process {self.pid} on {self.host}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -186,9 +186,9 @@ def _predicted(predictions: pa.Table | None) -> dict[tuple[str, str], dict[str, 
         value = row["predicted_target"]
         if value is None:
             continue
-        text = _num(value)
+        text = format_number(value)
         if row["pi_low"] is not None and row["pi_high"] is not None:
-            text += f" {_ci(row['pi_low'], row['pi_high'])}"
+            text += f" {format_interval(row['pi_low'], row['pi_high'])}"
         out.setdefault((row["benchmark"], row["metric"]), {})[row["corpus"]] = text
 
     return out
@@ -237,7 +237,15 @@ def _table_rows(
         ci_low, ci_high, n_items = details.get(r["corpus"], (math.nan, math.nan, None))
         if benchmark == ALL_BENCHMARKS:  # the aggregate's own interval, from the ranking
             ci_low, ci_high = _float(r.get("ci_low")), _float(r.get("ci_high"))
-        rows.append((str(r["rank"]), r["corpus"], _num(r["value"]), _ci(ci_low, ci_high), n_items))
+        rows.append(
+            (
+                str(r["rank"]),
+                r["corpus"],
+                format_number(r["value"]),
+                format_interval(ci_low, ci_high),
+                n_items,
+            )
+        )
     for corpus in sorted(set(details) - set(ranked["corpus"].to_list())):
         rows.append((MISSING, corpus, "n/a", MISSING, details[corpus][2]))
     return [(*row[:4], MISSING if row[4] is None else str(row[4])) for row in rows]
@@ -343,14 +351,16 @@ def _direction(metric: str) -> str:
     return "higher is better" if known.higher_is_better else "lower is better"
 
 
-def _num(value: float | None) -> str:
-    return MISSING if value is None or not math.isfinite(value) else f"{value:.4f}"
+def format_number(value: float | None, digits: int = 4) -> str:
+    """A value for a markdown table: ``digits`` decimals, – when missing or not finite."""
+    return MISSING if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _ci(low: float, high: float) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
+def format_interval(low: float | None, high: float | None, digits: int = 4) -> str:
+    """``[low, high]`` for a markdown table, – when either end is missing or not finite."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
         return MISSING
-    return f"[{low:.4f}, {high:.4f}]"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _float(value: float | None) -> float:

@@ -24,7 +24,6 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,7 +35,7 @@ from rbridge_core.analysis.backtest import MIN_CORPORA
 from rbridge_core.analysis.targets import TargetsError
 from rbridge_core.errors import RbridgeError
 from rbridge_core.ranking import ALL_BENCHMARKS
-from rbridge_core.report import markdown_cell
+from rbridge_core.report import format_interval, format_number, markdown_cell
 
 logger = logging.getLogger(__name__)
 
@@ -225,12 +224,16 @@ def _backtest(scores, targets, settings: _Settings) -> _Part:
             "|---|---:|---|---:|---:|---:|---:|",
         ]
         for row in pl.concat([shown, extra]).iter_rows(named=True):
-            part.lines.append(
-                f"| {row['metric']} | {_num(row['decision_accuracy'])} | "
-                f"{_interval(row['decision_accuracy_low'], row['decision_accuracy_high'])} | "
-                f"{_num(row['kendall_tau'])} | {_num(row['spearman_rho'])} | "
-                f"{row['n_corpora']} | {row['n_pairs']} |"
-            )
+            cells = [
+                row["metric"],
+                format_number(row["decision_accuracy"], 3),
+                format_interval(row["decision_accuracy_low"], row["decision_accuracy_high"], 3),
+                format_number(row["kendall_tau"], 3),
+                format_number(row["spearman_rho"], 3),
+                str(row["n_corpora"]),
+                str(row["n_pairs"]),
+            ]
+            part.lines.append("| " + " | ".join(cells) + " |")
         name = plot_file_name("backtest", benchmark)
         part.images[name] = decision_accuracy_chart(rows, benchmark)
         part.lines += ["", f"![decision accuracy {markdown_cell(benchmark)}]({name})", ""]
@@ -265,23 +268,18 @@ def _fit(scores, targets, settings: _Settings) -> _Part:
         "|---|---|---|---:|---:|---:|",
     ]
     for row in shown.iter_rows(named=True):
-        part.lines.append(
-            f"| {markdown_cell(row['benchmark'])} | {row['metric']} | {row['form']} | "
-            f"{_num(row['train_r2'])} | {_num(row['test_mae'])} | {row['n_points']} |"
-        )
+        cells = [
+            markdown_cell(row["benchmark"]),
+            row["metric"],
+            row["form"],
+            format_number(row["train_r2"], 3),
+            format_number(row["test_mae"], 3),
+            str(row["n_points"]),
+        ]
+        part.lines.append("| " + " | ".join(cells) + " |")
     part.lines.append("")
     for row in shown.iter_rows(named=True):
         name = plot_file_name("fit", row["benchmark"], row["metric"])
         part.images[name] = predicted_vs_actual(points, row, predictions)
         part.lines += [f"![fit {markdown_cell(row['benchmark'])} {row['metric']}]({name})", ""]
     return part
-
-
-def _num(value: float | None) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
-def _interval(low: float | None, high: float | None) -> str:
-    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return "–"
-    return f"[{low:.3f}, {high:.3f}]"
